@@ -1,0 +1,51 @@
+"""The `protloc` command: a click group whose commands parse, call the library, write outputs.
+
+Errors a user can cause arrive as ProtlocError and end as one line on stderr with exit code 1
+(`--debug` shows the traceback); usage errors exit with 2 (click's convention).
+"""
+
+import sys
+import traceback
+
+import click
+
+from protloc import __version__
+from protloc.errors import ProtlocError
+
+
+class ProtlocGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except ProtlocError as e:
+            self._fail(ctx, f"protloc: error: {e}")
+        except KeyboardInterrupt:
+            self._fail(ctx, "protloc: interrupted", code=130)
+        except BrokenPipeError:  # the reader of our stdout went away (e.g. `| head`): nothing to say
+            sys.stderr.close()
+            ctx.exit(1)
+        except Exception as e:  # a bug: say so in one line, the traceback under --debug
+            self._fail(ctx, f"protloc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+
+    @staticmethod
+    def _fail(ctx, message, code=1):
+        if ctx.meta.get("protloc.debug"):
+            traceback.print_exc()
+        click.echo(message, err=True)
+        ctx.exit(code)
+
+
+@click.group(cls=ProtlocGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="protloc")
+def main():
+    """protloc: self-supervised ViTs (DINO) for protein localization in fluorescence microscopy.
+
+    Data goes to stdout, everything for people to stderr. Exit codes: 0 ok, 1 error, 2 usage."""
+
+
+# Commands register themselves on `main` when imported.
+from protloc.cli import embed, knn, synth  # noqa: E402,F401
+
+__all__ = ["main"]

@@ -1,0 +1,104 @@
+"""`protloc embed`: images -> embeddings (.npy on stdout by default), ids beside."""
+
+import os
+import sys
+import time
+
+import click
+from tqdm import tqdm
+
+from protloc import __version__
+from protloc.cli import main
+from protloc.cli.options import common, data_options, device_option, show_progress
+from protloc.data import NORMALIZATIONS, ViewOptions
+from protloc.device import resolve_device
+from protloc.embed import POOLINGS, EmbedStats, embed, load_backbone
+from protloc.errors import ProtlocError
+from protloc.model import ARCHS, LAYOUTS
+from protloc.embeddings import RowWriter, write_embeddings, write_ids
+from protloc.output import check_destination
+from protloc.sources import discover
+
+
+def _check_output(output: str) -> None:
+    if output != "-" and os.path.splitext(output)[1].lower() not in (".npy", ".npz"):
+        raise click.BadParameter(f"{output}: the output must end in .npy or .npz (or be - for stdout)",
+                                 param_hint="'-o' / '--output'")
+
+
+@main.command("embed")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz",
+              help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids and meta.")
+@click.option("--ids", "ids_path", metavar="FILE",
+              help="Write the row ids (one line per row: the image path, or the group stem) to FILE.")
+@click.option("--weights", required=True, metavar="CKPT|random",
+              help="A protloc checkpoint, or 'random' for a random-init baseline built from --arch/--patch/--layout.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small", help="Architecture of a random backbone.")
+@click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size of a random backbone.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
+              help="Token layout of a random backbone: one token per patch (fused) or per channel and patch.")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="Resize each image to SIZE x SIZE first. Default: native size (images of one size batch together).")
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="image",
+              help="image: per-image per-channel mean 0 / std 1 (DINO4Cells); percentile: 1-99.8% to 0-1; "
+                   "imagenet: percentile then ImageNet mean/std; none: raw values.")
+@click.option("--pool", type=click.Choice(POOLINGS), default="cls", help="The CLS token, or the mean of the patch tokens.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+              help="Processes decoding TIFFs ahead of the model (0: decode in the main process).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              help="A bad image stops the run (fail) or is reported on stderr and left out (skip).")
+@click.option("--seed", type=int, default=0, help="Seed of a random backbone.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@data_options
+@device_option
+@common
+@click.pass_context
+def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, size, normalize, pool, batch_size,
+                  workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels, device, quiet):
+    """Embed images: one vector per image, rows in input order.
+
+    DATA: TIFF files, directories (searched recursively, sorted) and - (paths on stdin, one per line).
+
+    \b
+    protloc embed images/ --weights random --arch vit_tiny --patch 8 --size 64 > emb.npy
+    find plate1 -name '*.tif' | protloc embed - --weights model.pt -o emb.npz
+    """
+    _check_output(output)
+    if output == "-" and sys.stdout.isatty():
+        raise ProtlocError("refusing to write binary .npy to a terminal: redirect stdout or use -o FILE")
+    for path in ([output] if output != "-" else []) + ([ids_path] if ids_path else []):
+        check_destination(path, force)
+
+    sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
+    opts = ViewOptions(size=size, normalize=normalize, channels=tuple(channels) if channels else None,
+                       z=z, axes=axes, max_pixels=max_pixels)
+    model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, seed=seed)
+    device = resolve_device(device)
+
+    start = time.perf_counter()
+    stats = EmbedStats()
+    writer = RowWriter(model.dim, tmp_dir=os.path.dirname(os.path.abspath(output)) if output != "-" else None)
+    ids: list[str] = []
+    with tqdm(total=len(sources), unit="img", disable=not show_progress(ctx), file=sys.stderr) as bar:
+        for batch_ids, vectors in embed(model, sources, opts, pool=pool, batch_size=batch_size, device=device,
+                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update):
+            writer.append(vectors)
+            ids.extend(batch_ids)
+    if writer.rows == 0:
+        raise ProtlocError(f"no image could be embedded ({len(stats.skipped)} skipped)")
+
+    meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": normalize,
+            "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
+            "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped]}
+    write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)
+    writer.close()
+    if ids_path:
+        write_ids(ids_path, ids)
+
+    if not quiet:
+        elapsed = time.perf_counter() - start
+        click.echo(f"protloc: embedded {writer.rows} image(s) -> ({writer.rows}, {model.dim}) in {elapsed:.1f} s "
+                   f"({writer.rows / elapsed:.1f} img/s, {stats.data_wait_s / elapsed:.0%} waiting for data)"
+                   + (f"; skipped {len(stats.skipped)}" if stats.skipped else ""), err=True)

@@ -1,0 +1,76 @@
+"""`protloc knn`: DINO's weighted k-NN classifier, cross-validated, as macro F1 per k."""
+
+import json
+import sys
+
+import click
+
+from protloc.cli import main
+from protloc.cli.options import common
+from protloc.embeddings import read_embeddings
+from protloc.errors import ProtlocError
+from protloc.knn import cross_validate, format_table, results_to_json
+from protloc.labels import match_rows, read_labels
+from protloc.output import atomic_path, check_destination
+
+
+def _ks(_ctx, param, value):
+    try:
+        ks = sorted({int(k) for k in value.split(",") if k.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers like 1,5,10", param=param) from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter(f"{value!r}: every k must be >= 1", param=param)
+    return ks
+
+
+@main.command("knn")
+@click.argument("emb", metavar="EMB")
+@click.option("--labels", "labels_path", required=True, metavar="CSV",
+              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
+@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy (as written by `protloc embed --ids`).")
+@click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07,
+              help="Vote weight exp(similarity / T), as in DINO.")
+@click.option("--folds", type=click.IntRange(min=2), default=5,
+              help="Stratified cross-validation folds (grouped by the `group` column when present).")
+@click.option("--loo", is_flag=True, help="Leave-one-out instead of folds (a query's whole group is left out).")
+@click.option("--seed", type=int, default=0, help="Seed of the fold assignment.")
+@click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON.")
+@click.option("--id-column", default=None, help="Labels column matched to the row ids. Default: path, else id.")
+@click.option("--label-column", default="label", help="Labels column holding the class(es).")
+@click.option("--group-column", default="group", help="Labels column holding groups (used when present).")
+@click.option("--channel-suffixes", default=None, metavar="A,B,..",
+              help="Suffixes of one-file-per-channel images, to match label paths to group stems "
+                   "(default: those recorded in an .npz).")
+@click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+@common
+def knn_command(emb, labels_path, ids_path, ks, temperature, folds, loo, seed, json_path, id_column,
+                label_column, group_column, channel_suffixes, force, quiet):
+    """Evaluate embeddings by weighted k-NN: macro F1 (mean ± std over folds) and accuracy per k.
+
+    EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin).
+    The table goes to stdout."""
+    if json_path:
+        check_destination(json_path, force)
+    emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None)
+    if emb_file.ids is None:
+        raise ProtlocError(f"{emb_file.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+    labels = read_labels(labels_path, id_column=id_column, label_column=label_column, group_column=group_column)
+    suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
+    matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
+    if not quiet:
+        click.echo(f"protloc: {len(matched.rows)} labelled row(s), {len(matched.classes)} classes"
+                   f"{' (multi-label)' if matched.multilabel else ''}"
+                   + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
+
+    results = cross_validate(emb_file.x[matched.rows], matched, ks=ks, folds=folds, loo=loo,
+                             temperature=temperature, seed=seed)
+    click.echo(format_table(results))
+    if json_path:
+        meta = {"embeddings": emb_file.source, "labels": labels_path, "rows": int(len(matched.rows)),
+                "classes": matched.classes, "multilabel": matched.multilabel, "temperature": temperature,
+                "protocol": "leave-one-out" if loo else f"{folds}-fold", "seed": seed,
+                "grouped": matched.groups is not None}
+        with atomic_path(json_path) as tmp, open(tmp, "w") as f:
+            json.dump(results_to_json(results, meta), f, indent=2)

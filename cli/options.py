@@ -1,0 +1,69 @@
+"""Options shared by several commands, declared once."""
+
+import logging
+import sys
+
+import click
+
+from protloc.channels import parse_names
+from protloc.errors import ProtlocError
+from protloc.tiff import DEFAULT_MAX_PIXELS, Z_PROJECTIONS
+
+
+def _set_debug(ctx, _param, value):
+    ctx.meta["protloc.debug"] = value
+    return value
+
+
+def _set_logging(ctx, _param, quiet):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("protloc: %(levelname)s: %(message)s"))
+    root = logging.getLogger("protloc")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    root.propagate = False
+    ctx.meta["protloc.quiet"] = quiet
+    return quiet
+
+
+def common(f):
+    """--quiet and --debug, on every command."""
+    f = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                     help="Show the full traceback of an error.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, callback=_set_logging,
+                     help="Print no progress or summary on stderr, only errors.")(f)
+    return f
+
+
+def _channel_names(_ctx, param, value):
+    try:
+        return parse_names(value)
+    except ProtlocError as e:
+        raise click.BadParameter(str(e), param=param) from None
+
+
+def data_options(f):
+    """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, limits."""
+    f = click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
+                     help="Refuse images that declare more pixels than this (guards memory).")(f)
+    f = click.option("--axes", default=None, metavar="AXES",
+                     help="Override the axes of every file, e.g. ZCYX or YXC (default: from metadata or shape).")(f)
+    f = click.option("--z", "z", type=click.Choice(Z_PROJECTIONS), default="max",
+                     help="Projection of z-stacks over Z.")(f)
+    f = click.option("--channel-suffixes", callback=lambda c, p, v: v.split(",") if v else None, metavar="A,B,..",
+                     help="One file per channel: X_a.tif + X_b.tif make one image X; the suffixes name the "
+                          "channels (blue,green,red,yellow = nucleus,protein,microtubules,er; gfp = protein).")(f)
+    f = click.option("--channels", callback=_channel_names, metavar="NAMES",
+                     help="Comma-separated channel names: name the channels in file order, or select and "
+                          "reorder channels of files that store names (OME). Default: as stored.")(f)
+    return f
+
+
+def device_option(f):
+    return click.option("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                        help="Where the model runs; auto = the GPU when there is one.")(f)
+
+
+def show_progress(ctx) -> bool:
+    """Progress bars only for a person watching a terminal."""
+    return not ctx.meta.get("protloc.quiet") and sys.stderr.isatty()

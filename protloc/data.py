@@ -1,0 +1,179 @@
+"""From image sources to model-ready batches: channels, normalization, views, batching.
+
+The pipeline for one image (runs in loader worker processes, one image in memory each):
+
+    read (tiff.py) -> select/name channels -> per-channel normalization statistics
+                   -> view: resize to --size (or native size) -> Item
+
+Normalization is expressed as a per-(image, channel) affine map `x * scale + shift`, computed
+on the full-resolution image and applied by the patch-embedding kernel, so raw uint8/uint16
+pixels can travel to the GPU as they are. Items of the same shape and channel names are then
+grouped into batches in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protloc.channels import select_channels
+from protloc.errors import ProtlocError
+from protloc.sources import Source, read_source
+from protloc.tiff import DEFAULT_MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("image", "percentile", "imagenet", "none")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PERCENTILES = (1.0, 99.8)  # the usual microscopy contrast range (as in CSBDeep's normalize)
+
+
+def normalization(pixels: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, shift), float32 (C,), such that `pixels * scale + shift` is normalized.
+
+    image:      per-image per-channel standardization to mean 0, std 1 (the DINO4Cells convention)
+    percentile: the 1st..99.8th percentile range of each channel mapped to 0..1 (not clipped)
+    imagenet:   the percentile range to 0..1, then ImageNet's mean/std (RGB values for 3 channels,
+                their averages otherwise), for models pretrained on natural images
+    none:       pixels as stored, as float
+    """
+    C = pixels.shape[0]
+    flat = pixels.reshape(C, -1).astype(np.float64)
+    if method == "none":
+        return np.ones(C, np.float32), np.zeros(C, np.float32)
+    if method == "image":
+        mean, std = flat.mean(axis=1), flat.std(axis=1)
+        scale = 1.0 / np.maximum(std, 1e-6 * np.maximum(np.abs(mean), 1.0))  # flat channel: no blow-up
+        return scale.astype(np.float32), (-mean * scale).astype(np.float32)
+    if method in ("percentile", "imagenet"):
+        lo, hi = np.percentile(flat, PERCENTILES, axis=1)
+        scale = 1.0 / np.maximum(hi - lo, 1e-6 * np.maximum(np.abs(hi), 1.0))
+        shift = -lo * scale
+        if method == "imagenet":
+            mean = np.array(IMAGENET_MEAN if C == 3 else [np.mean(IMAGENET_MEAN)] * C)
+            std = np.array(IMAGENET_STD if C == 3 else [np.mean(IMAGENET_STD)] * C)
+            scale, shift = scale / std, (shift - mean) / std
+        return scale.astype(np.float32), shift.astype(np.float32)
+    raise ValueError(f"unknown normalization {method!r}")
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(C, Y, X) -> (C, size, size) float32, bilinear with antialiasing when shrinking."""
+    if pixels.shape[1:] == (size, size):
+        return pixels
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None]  # (1, C, Y, X)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].numpy()
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """How each image becomes a model input."""
+    size: int | None = None  # resize to size x size; None keeps the native size
+    normalize: str = "image"
+    channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
+    z: str = "max"
+    axes: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    pixels: np.ndarray | None = None  # (C, H, W) uint8/uint16/float32
+    scale: np.ndarray | None = None  # (C,)
+    shift: np.ndarray | None = None  # (C,)
+    channel_names: tuple[str, ...] = ()
+    error: str | None = None  # set instead of pixels when the image could not be used
+
+
+def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
+    """Read and prepare one image; a user-caused problem becomes Item.error, not an exception."""
+    try:
+        image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels)
+        keep, names = select_channels(image.pixels.shape[0], image.channel_names,
+                                      list(opts.channels) if opts.channels else None, source.id)
+        pixels = image.pixels[keep]
+        if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+            raise ProtlocError(f"{source.id}: contains NaN or infinite pixel values")
+        scale, shift = normalization(pixels, opts.normalize)
+        if opts.size is not None:
+            pixels = resize(pixels, opts.size)
+        return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names))
+    except ProtlocError as e:
+        return Item(index, source.id, error=str(e))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over sources, so DataLoader workers decode in parallel and keep order."""
+
+    def __init__(self, sources: list[Source], opts: ViewOptions):
+        self.sources = sources
+        self.opts = opts
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, index):
+        return load_item(index, self.sources[index], self.opts)
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    pixels: torch.Tensor  # (B, C, H, W), dtype as stored (uint16 stays uint16 until the kernel)
+    scale: torch.Tensor  # (B, C) float32
+    shift: torch.Tensor  # (B, C) float32
+    channel_names: tuple[str, ...]
+
+
+def _collate(items: list[Item]) -> Batch:
+    pixels = np.stack([it.pixels for it in items])
+    return Batch([it.id for it in items], torch.from_numpy(pixels),
+                 torch.from_numpy(np.stack([it.scale for it in items])),
+                 torch.from_numpy(np.stack([it.shift for it in items])), items[0].channel_names)
+
+
+def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None = None):
+    """Group consecutive items of equal shape, dtype and channel names into batches, in order.
+
+    A failed item raises ProtlocError (on_error="fail"), or is logged, appended to `skipped`
+    as (id, message) and left out (on_error="skip")."""
+    pending: list[Item] = []
+    pending_key = None
+    for item in items:
+        if item.error is not None:
+            if on_error == "fail":
+                raise ProtlocError(item.error)
+            log.warning("skipped %s", item.error)
+            if skipped is not None:
+                skipped.append((item.id, item.error))
+            continue
+        key = (item.pixels.shape, item.pixels.dtype, item.channel_names)
+        if pending and (len(pending) == batch_size or key != pending_key):
+            yield _collate(pending)
+            pending = []
+        pending.append(item)
+        pending_key = key
+    if pending:
+        yield _collate(pending)
+
+
+def loader(sources: list[Source], opts: ViewOptions, workers: int):
+    """Items in input order, decoded by `workers` processes (0: in this process) ahead of use."""
+    dataset = ImageDataset(sources, opts)
+    if workers == 0:
+        return (dataset[i] for i in range(len(dataset)))
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                            prefetch_factor=4, persistent_workers=False,
+                                            worker_init_fn=_worker_init))
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decoding workers must not fight the model for cores

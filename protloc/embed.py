@@ -1,0 +1,86 @@
+"""Images -> embedding vectors with a ViT backbone, streamed batch by batch in input order.
+
+Decoding runs in loader worker processes while the model computes, so the model does not wait
+on TIFF decoding when it need not; `EmbedStats` records how long it did wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from protloc.checkpoint import file_sha256, model_from_checkpoint
+from protloc.data import ViewOptions, batches, load_item, loader
+from protloc.errors import ProtlocError
+from protloc.model import ViTConfig, VisionTransformer
+from protloc.sources import Source
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class EmbedStats:
+    images: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    data_wait_s: float = 0.0  # time the model sat waiting for the next decoded batch
+    compute_s: float = 0.0
+
+
+def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",
+                  patch=16, layout="fused", seed=0) -> tuple[VisionTransformer, dict]:
+    """The backbone named by `weights` (a checkpoint path, or "random") and meta describing it.
+
+    A random backbone takes its input channels from --channels or, failing that, from the
+    first image, so `--weights random` works on any data as a baseline."""
+    if weights == "random":
+        channels = list(opts.channels) if opts.channels else None
+        if channels is None and layout == "fused":
+            first = load_item(0, sources[0], opts)
+            if first.error:
+                raise ProtlocError(first.error)
+            channels = list(first.channel_names)
+        config = ViTConfig(arch=arch, patch=patch, layout=layout, **({"channels": channels} if channels else {}))
+        torch.manual_seed(seed)
+        model = VisionTransformer(config)
+        return model, {"weights": "random", "seed": seed, "config": config.to_dict()}
+    model, _ = model_from_checkpoint(weights)
+    return model, {"weights": str(weights), "sha256": file_sha256(weights), "config": model.config.to_dict()}
+
+
+def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, pool="cls", batch_size=32,
+          device="cpu", workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None):
+    """Yield (ids, vectors (B, D) float32) for the sources, in input order.
+
+    `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch."""
+    if pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {pool!r}")
+    stats = stats if stats is not None else EmbedStats()
+    device = torch.device(device)
+    model = model.eval().to(device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    stream = batches(loader(sources, opts, workers), batch_size, on_error, stats.skipped)
+    skipped_seen = 0
+    with torch.inference_mode(), autocast:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(stream, None)
+            t1 = time.perf_counter()
+            stats.data_wait_s += t1 - t0
+            if batch is None:
+                break
+            pixels = batch.pixels.to(device, non_blocking=True)
+            scale, shift = batch.scale.to(device), batch.shift.to(device)
+            vectors = model.embed(pixels, scale, shift, batch.channel_names, pool).float().cpu().numpy()
+            stats.compute_s += time.perf_counter() - t1
+            stats.images += len(batch.ids)
+            if progress is not None:
+                progress(len(batch.ids) + len(stats.skipped) - skipped_seen)
+                skipped_seen = len(stats.skipped)
+            yield batch.ids, vectors.astype(np.float32, copy=False)
+    if progress is not None and len(stats.skipped) > skipped_seen:  # images skipped after the last batch
+        progress(len(stats.skipped) - skipped_seen)

@@ -1,0 +1,120 @@
+"""The embeddings file format: .npy rows (+ an ids file) or one .npz with ids and meta.
+
+    .npy   float32 (N, D); ids in a text file beside it (`--ids`), one line per row
+    .npz   embeddings float32 (N, D), ids str (N,), meta: a JSON string (model, checkpoint
+           hash, channels, normalization, pooling, the working directory ids are relative to)
+
+Everything loads with allow_pickle=False.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from protloc.errors import ProtlocError
+from protloc.output import atomic_path
+
+
+class RowWriter:
+    """Collects float32 rows of a known width on disk, then writes them as .npy or .npz.
+
+    Rows go to an anonymous temporary file as they are computed, so memory stays flat however
+    many images are embedded; `.npy` needs the row count in its header, so the final file is
+    assembled at the end (header + the rows copied in chunks)."""
+
+    def __init__(self, dim: int, tmp_dir=None):
+        self.dim = dim
+        self.rows = 0
+        self._file = tempfile.TemporaryFile(dir=tmp_dir)
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        assert rows.ndim == 2 and rows.shape[1] == self.dim, rows.shape
+        self._file.write(rows.tobytes())
+        self.rows += rows.shape[0]
+
+    def write_npy(self, stream) -> None:
+        """Write the collected rows as an .npy array (rows, dim) to a binary stream."""
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (self.rows, self.dim)}
+        np.lib.format.write_array_header_1_0(stream, header)
+        self._file.seek(0)
+        while chunk := self._file.read(1 << 22):
+            stream.write(chunk)
+        stream.flush()
+
+    def array(self) -> np.ndarray:
+        """The rows as a read-only memory map (no copy in memory)."""
+        self._file.flush()
+        if self.rows == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.memmap(self._file, dtype=np.float32, mode="r", shape=(self.rows, self.dim))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def write_embeddings(output: str, writer: RowWriter, ids: list[str], meta: dict, stdout=None) -> None:
+    """Write the rows to `output` (.npy, .npz, or "-" = .npy on `stdout`), atomically for files."""
+    if output == "-":
+        writer.write_npy(stdout)
+    elif output.lower().endswith(".npz"):
+        with atomic_path(output) as tmp, open(tmp, "wb") as f:
+            np.savez(f, embeddings=writer.array(), ids=np.array(ids, dtype=str), meta=np.array(json.dumps(meta)))
+    else:
+        with atomic_path(output) as tmp, open(tmp, "wb") as f:
+            writer.write_npy(f)
+
+
+def write_ids(path, ids: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.writelines(f"{i}\n" for i in ids)
+
+
+@dataclass
+class Embeddings:
+    x: np.ndarray  # (N, D) float32
+    ids: list[str] | None
+    meta: dict
+    source: str
+
+
+def read_embeddings(path: str, ids_path: str | None = None, stdin=None) -> Embeddings:
+    """Read an embeddings file ("-": an .npy or .npz from `stdin`, buffered) and check it."""
+    name = "<stdin>" if path == "-" else path
+    try:
+        data = np.load(io.BytesIO(stdin.read()) if path == "-" else path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ProtlocError(f"{name}: no such file") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ProtlocError(f"{name}: not an .npy/.npz embeddings file ({e})") from None
+    ids, meta = None, {}
+    if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+            if "embeddings" not in data.files:
+                raise ProtlocError(f"{name}: .npz without an 'embeddings' array (has {', '.join(data.files)})")
+            x = data["embeddings"]
+            ids = [str(i) for i in data["ids"]] if "ids" in data.files else None
+            meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+    else:
+        x = data
+    if x.ndim != 2:
+        raise ProtlocError(f"{name}: embeddings must be a 2-D array (rows, dims), got shape {x.shape}")
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ProtlocError(f"{name}: {bad} row(s) hold NaN or infinite values")
+    if ids_path is not None:
+        try:
+            with open(ids_path) as f:
+                ids = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ProtlocError(f"{ids_path}: cannot read ids ({e.strerror})") from None
+    if ids is not None and len(ids) != x.shape[0]:
+        raise ProtlocError(f"{ids_path or name}: {len(ids)} ids for {x.shape[0]} embedding rows")
+    return Embeddings(x, ids, meta, name)

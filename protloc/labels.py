@@ -1,0 +1,225 @@
+"""Labels CSV: reading it, and matching embedding rows to its labels.
+
+A labels CSV names images by `path` (relative to the CSV's folder, or absolute) or by `id`, gives
+each a `label` (several separated by `;` make the task multi-label) and optionally a `group`
+(the protein or gene: cross-validation never puts one group on both sides). Column names can be
+overridden, so existing tables work as they are, e.g. a yeast screen table with
+`id_column="protein_file", label_column="control_localization", group_column="gene"`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from protloc.channels import ALIASES, VOCABULARY
+from protloc.errors import ProtlocError
+
+log = logging.getLogger(__name__)
+
+TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")  # longest first: .ome.tif before .tif
+FRAGMENT = re.compile(r"#(?:tile|cell)=\d+$")
+# File suffixes of one-file-per-channel layouts (`X_gfp.tif`, `X_blue.tif`) when none are given.
+DEFAULT_SUFFIXES = tuple(sorted(set(ALIASES) | set(VOCABULARY)))
+
+
+@dataclass
+class Labels:
+    keys: list[str]                 # per row: absolute normalized path ('path' column) or the id
+    labels: list[tuple[str, ...]]   # per row: class names, sorted and unique
+    groups: list[str] | None        # per row, or None without a group column
+    classes: list[str]              # all class names, sorted
+    multilabel: bool                # some row has more than one label
+    source: str                     # the CSV's path, for messages
+    by_path: bool                   # keys are paths (match by file) rather than free-form ids
+
+
+@dataclass
+class Matched:
+    rows: np.ndarray                # indices of the embedding rows that have a label, ascending
+    y: np.ndarray                   # (len(rows), n_classes) uint8 indicator matrix
+    groups: np.ndarray | None       # group per matched row (str), or None
+    classes: list[str]
+    multilabel: bool
+    unlabeled: int                  # embedding rows without a label (ignored)
+
+
+def read_labels(csv_path, id_column: str | None = None, label_column: str = "label",
+                group_column: str | None = "group") -> Labels:
+    """Read a labels CSV.
+
+    id_column None means `path` if the CSV has it, else `id`. A column called `id` holds
+    free-form ids, kept as strings; any other (`path`, or a custom one like `protein_file`) holds
+    file paths, resolved against the CSV's folder (absolute, normalized). The group column is
+    optional when it is the default `group`; a group column named explicitly must exist.
+    Rows repeated with the same labels and group are kept once (with a warning); the same key
+    with different labels or groups is an error.
+    """
+    src = str(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows = list(reader)
+    except FileNotFoundError:
+        raise ProtlocError(f"{src}: no such labels file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ProtlocError(f"{src}: cannot read labels CSV ({e})") from None
+
+    available = ", ".join(header) if header else "none"
+    if id_column is None:
+        id_column = "path" if "path" in header else "id" if "id" in header else None
+        if id_column is None:
+            raise ProtlocError(f"{src}: needs a 'path' or 'id' column (or name one); columns are: {available}")
+    for name in (id_column, label_column):
+        if name not in header:
+            raise ProtlocError(f"{src}: no column '{name}'; columns are: {available}")
+    if group_column is not None and group_column not in header:
+        if group_column != "group":
+            raise ProtlocError(f"{src}: no column '{group_column}'; columns are: {available}")
+        group_column = None
+    if not rows:
+        raise ProtlocError(f"{src}: no rows")
+
+    by_path = id_column != "id"  # any column other than 'id' holds file paths (e.g. protein_file)
+    base = os.path.dirname(os.path.abspath(src))
+    seen: dict[str, int] = {}
+    keys, labels, groups = [], [], []
+    repeated = 0
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        raw = (row.get(id_column) or "").strip()
+        if not raw:
+            raise ProtlocError(f"{src}: line {line}: empty '{id_column}'")
+        key = os.path.normpath(os.path.join(base, os.path.expanduser(raw))) if by_path else raw
+        names = tuple(sorted({s.strip() for s in (row.get(label_column) or "").split(";") if s.strip()}))
+        if not names:
+            raise ProtlocError(f"{src}: line {line}: empty '{label_column}' for {raw}")
+        group = None
+        if group_column is not None:
+            group = (row.get(group_column) or "").strip()
+            if not group:
+                raise ProtlocError(f"{src}: line {line}: empty '{group_column}' for {raw}")
+        if key in seen:
+            i = seen[key]
+            if labels[i] != names or (groups[i] if groups else None) != group:
+                raise ProtlocError(f"{src}: line {line}: {raw} is listed again with a different label or group")
+            repeated += 1
+            continue
+        seen[key] = len(keys)
+        keys.append(key)
+        labels.append(names)
+        if group is not None:
+            groups.append(group)
+    if repeated:
+        log.warning("%s: %d repeated rows (same key, label and group) kept once", src, repeated)
+
+    return Labels(keys=keys, labels=labels, groups=groups if group_column is not None else None,
+                  classes=sorted({c for names in labels for c in names}),
+                  multilabel=any(len(names) > 1 for names in labels), source=src, by_path=by_path)
+
+
+def strip_fragment(id_: str) -> str:
+    """`dir/a.tif#tile=3` -> `dir/a.tif`: a tile or cell carries its image's label."""
+    return FRAGMENT.sub("", id_)
+
+
+def strip_tiff_extension(path: str) -> str:
+    lower = path.lower()
+    for ext in TIFF_EXTENSIONS:
+        if lower.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def _path_forms(key: str, suffixes: list[str]) -> set[str]:
+    """Loose forms of a label path that an embedding id may equal: without its TIFF extension,
+    and additionally without a trailing `_<channel suffix>` (one file of a per-channel group)."""
+    stem = strip_tiff_extension(key)
+    forms = {stem}
+    lower = stem.lower()
+    for s in suffixes:
+        if lower.endswith("_" + s.lower()):
+            forms.add(stem[: -len(s) - 1])
+    return forms
+
+
+def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
+               channel_suffixes: list[str] | None = None) -> Matched:
+    """Find the labelled embedding rows.
+
+    Matching rules:
+    - An embedding id is written by `protloc embed`: a path, relative to `base_dir` (the working
+      directory at embed time; default: the current one) or absolute, optionally followed by
+      `#tile=K` or `#cell=K`. The fragment is dropped for matching: an image's label covers all
+      its tiles and cells, so several rows can match one label.
+    - 'id' labels: the id (fragment dropped) must equal the label's id exactly.
+    - 'path' labels: absolute normalized paths are compared. Failing an exact match, the id with
+      its TIFF extension (.tif/.tiff/.ome.tif/.ome.tiff, any case) removed may equal the label
+      path with its TIFF extension removed, or with its extension and a trailing `_<suffix>`
+      removed for a suffix in `channel_suffixes` (default: the channel names and aliases of
+      `protloc.channels`, e.g. gfp, rfp, blue, green). This lets a one-file-per-channel image,
+      whose id is the stem `dir/X` of `dir/X_gfp.tif` and `dir/X_rfp.tif`, match a CSV that
+      lists either file.
+    - Every label must match some row (else ProtlocError naming the first few); embedding rows
+      without a label are ignored and counted in `unlabeled`.
+    """
+    suffixes = list(DEFAULT_SUFFIXES if channel_suffixes is None else channel_suffixes)
+    base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
+    exact = {key: i for i, key in enumerate(labels.keys)}
+    loose: dict[str, list[int]] = {}
+    if labels.by_path:
+        for i, key in enumerate(labels.keys):
+            for form in _path_forms(key, suffixes):
+                loose.setdefault(form, []).append(i)
+
+    rows, label_of_row = [], []
+    used = np.zeros(len(labels.keys), dtype=bool)
+    for r, id_ in enumerate(ids):
+        stripped = strip_fragment(str(id_))
+        if not labels.by_path:
+            hits = [exact[stripped]] if stripped in exact else []
+        else:
+            path = os.path.normpath(os.path.join(base, stripped))
+            hits = [exact[path]] if path in exact else loose.get(strip_tiff_extension(path), [])
+        if not hits:
+            continue
+        first = hits[0]
+        for i in hits[1:]:  # e.g. both X_gfp.tif and X_rfp.tif listed for the image X
+            if labels.labels[i] != labels.labels[first] or (labels.groups and labels.groups[i] != labels.groups[first]):
+                raise ProtlocError(f"{labels.source}: {_shown(labels, first)} and {_shown(labels, i)} "
+                                   f"both match embedding id {id_} but have different labels or groups")
+        used[hits] = True
+        rows.append(r)
+        label_of_row.append(first)
+
+    missing = np.flatnonzero(~used)
+    if len(missing):
+        n = len(missing)
+        examples = ", ".join(_shown(labels, i) for i in missing[:5])
+        raise ProtlocError(f"{labels.source}: {n} labelled image{'s' if n != 1 else ''} "
+                           f"{'have' if n != 1 else 'has'} no embedding row, e.g. {examples}")
+
+    index = {c: j for j, c in enumerate(labels.classes)}
+    y = np.zeros((len(rows), len(labels.classes)), dtype=np.uint8)
+    for m, i in enumerate(label_of_row):
+        y[m, [index[c] for c in labels.labels[i]]] = 1
+    groups = np.asarray([labels.groups[i] for i in label_of_row], dtype=str) if labels.groups is not None else None
+    if len(ids) > len(rows):
+        log.info("%d of %d embedding rows have no label in %s", len(ids) - len(rows), len(ids), labels.source)
+    return Matched(rows=np.asarray(rows, dtype=np.int64), y=y, groups=groups, classes=list(labels.classes),
+                   multilabel=labels.multilabel, unlabeled=len(ids) - len(rows))
+
+
+def _shown(labels: Labels, i: int) -> str:
+    """A label's key as the user wrote it, roughly: relative to the CSV's folder when inside it."""
+    key = labels.keys[i]
+    if not labels.by_path:
+        return key
+    rel = os.path.relpath(key, os.path.dirname(os.path.abspath(labels.source)))
+    return key if rel.startswith("..") else rel

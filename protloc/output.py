@@ -1,0 +1,41 @@
+"""Writing outputs safely: never half a file at the destination, never a surprise overwrite.
+
+Every file protloc writes goes to a temporary name in the destination's folder and is renamed
+over the destination only when complete (a rename within a folder is atomic on POSIX), so a
+crash, Ctrl-C or error leaves either the old file or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from protloc.errors import ProtlocError
+
+
+def check_destination(path, force: bool) -> None:
+    """Refuse to overwrite an existing file without `force`, and to write into a missing folder."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ProtlocError(f"{path}: already exists (use --force to overwrite)")
+    if not path.parent.is_dir():
+        raise ProtlocError(f"{path}: folder {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
