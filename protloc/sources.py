@@ -1,0 +1,120 @@
+"""What the command line's DATA arguments mean: a list of images to read, one row each.
+
+DATA is any mix of TIFF files, directories (searched recursively, sorted, hidden entries
+skipped) and `-` (paths read from stdin, one per line). Each image becomes a `Source`: usually
+one file, or, with `--channel-suffixes gfp,rfp`, the files `X_gfp.tif` and `X_rfp.tif` grouped
+into one image `X` whose channels are named from the suffixes. Discovery only lists files; the
+pixels are read later, one image at a time, by `read_source`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from protloc.channels import canonical
+from protloc.errors import ProtlocError
+from protloc.tiff import DEFAULT_MAX_PIXELS, Image, read_channel_files, read_tiff
+
+TIFF_SUFFIXES = (".tif", ".tiff")  # case-insensitive; covers .ome.tif / .ome.tiff
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str                                  # the normalized path, or the stem of a channel group
+    files: tuple[str, ...]                   # one file, or one per channel in suffix order
+    channel_names: tuple[str, ...] | None    # canonical names from the suffixes; None for single files
+
+
+def discover(inputs: list[str], stdin: TextIO | None = None,
+             channel_suffixes: list[str] | None = None) -> list[Source]:
+    """Expand files, directories and `-` into sources, in the order given (directories sorted);
+    a path met twice is kept at its first position."""
+    if not inputs:
+        raise ProtlocError("no input images given (name TIFF files, directories, or - for stdin)")
+    files: dict[str, None] = {}  # an ordered set
+    for item in inputs:
+        if item == "-":
+            lines = (stdin if stdin is not None else sys.stdin).read().splitlines()
+            paths = [line.strip() for line in lines if line.strip()]
+        else:
+            paths = [item]
+        for path in paths:
+            for f in _expand(path):
+                files.setdefault(f, None)
+    if not files:
+        raise ProtlocError("no input images given (stdin listed no paths)")
+    suffixes = [s.strip().lstrip("_") for s in channel_suffixes or [] if s.strip().lstrip("_")]
+    if not suffixes:
+        return [Source(f, (f,), None) for f in files]
+    return _group(list(files), suffixes)
+
+
+def read_source(src: Source, z: str = "max", axes: str | None = None,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+    """Read the pixels of one source as a (C, Y, X) image."""
+    if src.channel_names is None:
+        return read_tiff(src.files[0], z, axes, max_pixels)
+    image = read_channel_files(src.id, list(src.files), z, axes, max_pixels)
+    image.channel_names = list(src.channel_names)
+    return image
+
+
+def _expand(path: str) -> list[str]:
+    """A file -> itself (whatever its extension); a directory -> its TIFFs, recursively, sorted."""
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden directories
+            found += [os.path.join(root, n) for n in names
+                      if not n.startswith(".") and n.lower().endswith(TIFF_SUFFIXES)]
+        if not found:
+            raise ProtlocError(f"{path}: no .tif/.tiff files under this directory")
+        # sort by path components, so a folder's files stay together ('a/x' before 'a-b/x')
+        return sorted((os.path.normpath(f) for f in found), key=lambda f: f.split(os.sep))
+    if not os.path.exists(path):
+        raise ProtlocError(f"{path}: no such file or directory")
+    return [os.path.normpath(path)]
+
+
+def _split_name(path: str) -> tuple[str, str]:
+    """'d/X_gfp.ome.tif' -> ('d/X_gfp', '.ome.tif')."""
+    lower = path.lower()
+    for ext in (".ome.tif", ".ome.tiff") + TIFF_SUFFIXES:
+        if lower.endswith(ext):
+            return path[: -len(ext)], path[-len(ext):]
+    return os.path.splitext(path)
+
+
+def _group(files: list[str], suffixes: list[str]) -> list[Source]:
+    """Group `<stem>_<suffix>.tif` files into one source per stem, channels in suffix order."""
+    flag = f"--channel-suffixes {','.join(suffixes)}"
+    lowered = [s.lower() for s in suffixes]
+    if len(set(lowered)) != len(lowered):
+        raise ProtlocError(f"{flag}: a suffix repeats")
+    names = tuple(canonical(s) for s in suffixes)
+    if len(set(names)) != len(names):
+        raise ProtlocError(f"{flag}: suffixes name the same channel twice ({', '.join(names)})")
+    # longest first: with suffixes 'rfp' and 'b_rfp', 'a_b_rfp.tif' is the '_b_rfp' file of 'a'
+    by_length = sorted(range(len(suffixes)), key=lambda i: -len(lowered[i]))
+    groups: dict[str, dict[int, str]] = {}  # stem -> {suffix index: file}, in discovery order
+    for f in files:
+        base, _ = _split_name(f)
+        k = next((i for i in by_length if base.lower().endswith("_" + lowered[i])), None)
+        if k is None or len(os.path.basename(base)) == len(lowered[k]) + 1:
+            expected = " or ".join("_" + s for s in suffixes)
+            raise ProtlocError(f"{f}: file name does not end in {expected} ({flag})")
+        stem = base[: -len(lowered[k]) - 1]
+        group = groups.setdefault(stem, {})
+        if k in group:
+            raise ProtlocError(f"{stem}: two _{suffixes[k]} files ({group[k]}, {f})")
+        group[k] = f
+    sources = []
+    for stem, group in groups.items():
+        for k, s in enumerate(suffixes):
+            if k not in group:
+                raise ProtlocError(f"{stem}: missing the _{s} file ({flag})")
+        sources.append(Source(stem, tuple(group[k] for k in range(len(suffixes))), names))
+    return sources
