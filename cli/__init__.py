@@ -4,6 +4,7 @@ Errors a user can cause arrive as ProtlocError and end as one line on stderr wit
 (`--debug` shows the traceback); usage errors exit with 2 (click's convention).
 """
 
+import importlib
 import sys
 import traceback
 
@@ -13,7 +14,24 @@ from protloc import __version__
 from protloc.errors import ProtlocError
 
 
+# command -> "module:function"; imported on use, so `protloc embed` never pays for scikit-learn.
+COMMANDS = {
+    "synth": "protloc.cli.synth:synth_command",
+    "embed": "protloc.cli.embed:embed_command",
+    "knn": "protloc.cli.knn:knn_command",
+}
+
+
 class ProtlocGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, function = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), function)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -43,9 +61,5 @@ def main():
     """protloc: self-supervised ViTs (DINO) for protein localization in fluorescence microscopy.
 
     Data goes to stdout, everything for people to stderr. Exit codes: 0 ok, 1 error, 2 usage."""
-
-
-# Commands register themselves on `main` when imported.
-from protloc.cli import embed, knn, synth  # noqa: E402,F401
 
 __all__ = ["main"]

@@ -8,7 +8,6 @@ import click
 from tqdm import tqdm
 
 from protloc import __version__
-from protloc.cli import main
 from protloc.cli.options import common, data_options, device_option, show_progress
 from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.device import resolve_device
@@ -26,7 +25,7 @@ def _check_output(output: str) -> None:
                                  param_hint="'-o' / '--output'")
 
 
-@main.command("embed")
+@click.command("embed")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz",
               help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids and meta.")

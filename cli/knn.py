@@ -5,7 +5,6 @@ import sys
 
 import click
 
-from protloc.cli import main
 from protloc.cli.options import common
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
@@ -24,7 +23,7 @@ def _ks(_ctx, param, value):
     return ks
 
 
-@main.command("knn")
+@click.command("knn")
 @click.argument("emb", metavar="EMB")
 @click.option("--labels", "labels_path", required=True, metavar="CSV",
               help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")

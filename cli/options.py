@@ -22,6 +22,8 @@ def _set_logging(ctx, _param, quiet):
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
+    # tifffile logs its own complaints about damaged files; our error line says what matters
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if ctx.meta.get("protloc.debug") else logging.CRITICAL)
     ctx.meta["protloc.quiet"] = quiet
     return quiet
 

@@ -7,14 +7,13 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from protloc.cli import main
 from protloc.cli.options import common, show_progress
 from protloc.channels import parse_names
 from protloc.errors import ProtlocError
 from protloc.synth import CHANNELS, CLASSES, write_dataset
 
 
-@main.command("synth", help=(
+@click.command("synth", help=(
     "Write N synthetic fields (uint16 OME-TIFF with channel names) and OUT_DIR/labels.csv (path,label,group).\n\n"
     f"Each field holds a few cells with a nucleus and a protein channel whose pattern is one of {len(CLASSES)} "
     f"localization classes ({', '.join(CLASSES)}), with blur, shot and read noise."))
