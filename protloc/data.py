@@ -80,6 +80,8 @@ class ViewOptions:
     z: str = "max"
     axes: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    model_channels: tuple[str, ...] | None = None  # a fused-layout model: exactly this many channels
+    known_channels: tuple[str, ...] | None = None  # a channel-layout model: names it has embeddings for
 
 
 @dataclass
@@ -93,12 +95,25 @@ class Item:
     error: str | None = None  # set instead of pixels when the image could not be used
 
 
+def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
+    """The image's channels must fit the model: per image, so the error names the file."""
+    want = opts.model_channels
+    if want is not None and len(names) != len(want):
+        raise ProtlocError(f"{source}: has {len(names)} channel(s), the model takes {len(want)} ({', '.join(want)})")
+    if opts.known_channels is not None:
+        unknown = [n for n in names if n not in opts.known_channels]
+        if unknown:
+            raise ProtlocError(f"{source}: channel(s) {', '.join(unknown)} unknown to the model (it knows "
+                               f"{', '.join(opts.known_channels)}); name the channels with --channels")
+
+
 def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
     """Read and prepare one image; a user-caused problem becomes Item.error, not an exception."""
     try:
         image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels)
         keep, names = select_channels(image.pixels.shape[0], image.channel_names,
                                       list(opts.channels) if opts.channels else None, source.id)
+        check_channels(names, opts, source.id)
         pixels = image.pixels[keep]
         if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
             raise ProtlocError(f"{source.id}: contains NaN or infinite pixel values")

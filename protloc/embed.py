@@ -7,6 +7,7 @@ on TIFF decoding when it need not; `EmbedStats` records how long it did wait.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +60,9 @@ def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *,
     if pool not in POOLINGS:
         raise ValueError(f"unknown pooling {pool!r}")
     stats = stats if stats is not None else EmbedStats()
+    config = model.config
+    opts = dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
+                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
     device = torch.device(device)
     model = model.eval().to(device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

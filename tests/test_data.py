@@ -113,3 +113,15 @@ def test_nan_pixels_are_an_error(tmp_path):
     tifffile.imwrite(tmp_path / "nan.tif", pixels)
     item = load_item(0, discover([str(tmp_path / "nan.tif")])[0], ViewOptions())
     assert "NaN" in item.error
+
+
+def test_channels_are_checked_against_the_model_per_image(tmp_path):
+    tifffile.imwrite(tmp_path / "a.ome.tif", np.zeros((2, 16, 16), np.uint16), ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["Hoechst", "mystery"]}})
+    src = discover([str(tmp_path / "a.ome.tif")])[0]
+    fused = load_item(0, src, ViewOptions(model_channels=("nucleus", "protein", "er")))
+    assert "a.ome.tif: has 2 channel(s), the model takes 3 (nucleus, protein, er)" == fused.error
+    channelwise = load_item(0, src, ViewOptions(known_channels=("nucleus", "protein")))
+    assert "mystery unknown to the model" in channelwise.error
+    renamed = load_item(0, src, ViewOptions(channels=("nucleus", "protein"), known_channels=("nucleus", "protein")))
+    assert renamed.error is None and renamed.channel_names == ("nucleus", "protein")
