@@ -1,6 +1,6 @@
 """Embedding throughput on this machine: images/s and the share of wall time spent waiting for data.
 
-    python benchmarks/bench_embed.py [--n 64] [--archs vit_tiny,vit_small] [--size 224] [--workers 0,2]
+    python benchmarks/bench_embed.py [--n 256] [--archs vit_tiny,vit_small] [--size 224] [--workers 0,2]
 
 Data: `protloc synth` fields (256 x 256, nucleus + protein, uint16 OME-TIFF) resized to --size.
 The model runs in float32 on the CPU (or bf16 autocast on CUDA with --device cuda). A warm-up
@@ -34,7 +34,7 @@ def run(model, sources, opts, workers, batch_size, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=64, help="images per measurement")
+    ap.add_argument("--n", type=int, default=256, help="images per measurement")
     ap.add_argument("--archs", default="vit_tiny,vit_small")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
