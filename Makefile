@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
+	$(PY) -m ruff check protloc kernels cli tests benchmarks
 	$(PY) -m pytest -q
 
 test-all: venv  # the slow tests too

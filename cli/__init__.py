@@ -17,6 +17,7 @@ from protloc.errors import ProtlocError
 # command -> "module:function"; imported on use, so `protloc embed` never pays for scikit-learn.
 COMMANDS = {
     "synth": "protloc.cli.synth:synth_command",
+    "pretrain": "protloc.cli.pretrain:pretrain_command",
     "embed": "protloc.cli.embed:embed_command",
     "knn": "protloc.cli.knn:knn_command",
 }

@@ -1,5 +1,6 @@
 """`protloc embed`: images -> embeddings (.npy on stdout by default), ids beside."""
 
+import dataclasses
 import os
 import sys
 import time
@@ -39,9 +40,10 @@ def _check_output(output: str) -> None:
               help="Token layout of a random backbone: one token per patch (fused) or per channel and patch.")
 @click.option("--size", type=click.IntRange(min=8), default=None,
               help="Resize each image to SIZE x SIZE first. Default: native size (images of one size batch together).")
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="image",
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
               help="image: per-image per-channel mean 0 / std 1 (DINO4Cells); percentile: 1-99.8% to 0-1; "
-                   "imagenet: percentile then ImageNet mean/std; none: raw values.")
+                   "imagenet: percentile then ImageNet mean/std; none: raw values. Default: the model's "
+                   "(recorded in its checkpoint; image for a random backbone).")
 @click.option("--pool", type=click.Choice(POOLINGS), default="cls", help="The CLS token, or the mean of the patch tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
@@ -71,9 +73,10 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, siz
         check_destination(path, force)
 
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
-    opts = ViewOptions(size=size, normalize=normalize, channels=tuple(channels) if channels else None,
+    opts = ViewOptions(size=size, normalize=normalize or "image", channels=tuple(channels) if channels else None,
                        z=z, axes=axes, max_pixels=max_pixels)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, seed=seed)
+    opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
     device = resolve_device(device)
 
     start = time.perf_counter()
@@ -88,7 +91,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, siz
     if writer.rows == 0:
         raise ProtlocError(f"no image could be embedded ({len(stats.skipped)} skipped)")
 
-    meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": normalize,
+    meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": opts.normalize,
             "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
             "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped]}
     write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)

@@ -78,7 +78,7 @@ def model_from_checkpoint(path) -> tuple[VisionTransformer, dict]:
     except (KeyError, TypeError) as e:
         raise ProtlocError(f"{path}: checkpoint config is unusable ({e})") from None
     model = VisionTransformer(config)
-    load_weights(model, ckpt["teacher"] if "teacher" in ckpt else ckpt["model"], str(path))
+    load_weights(model, ckpt["model"], str(path))
     return model, ckpt
 
 

@@ -187,8 +187,16 @@ def loader(sources: list[Source], opts: ViewOptions, workers: int):
         return (dataset[i] for i in range(len(dataset)))
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                             prefetch_factor=4, persistent_workers=False,
-                                            worker_init_fn=_worker_init))
+                                            worker_init_fn=worker_init))
 
 
-def _worker_init(_):
+def worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+
+
+def probe_channels(sources: list[Source], opts: ViewOptions) -> list[str]:
+    """The channel names of the first image: what a new model is built for."""
+    first = load_item(0, sources[0], opts)
+    if first.error:
+        raise ProtlocError(first.error)
+    return list(first.channel_names)

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from protloc.checkpoint import file_sha256, model_from_checkpoint
-from protloc.data import ViewOptions, batches, load_item, loader
-from protloc.errors import ProtlocError
+from protloc.data import ViewOptions, batches, loader, probe_channels
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.sources import Source
 
@@ -40,10 +39,7 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
     if weights == "random":
         channels = list(opts.channels) if opts.channels else None
         if channels is None and layout == "fused":
-            first = load_item(0, sources[0], opts)
-            if first.error:
-                raise ProtlocError(first.error)
-            channels = list(first.channel_names)
+            channels = probe_channels(sources, opts)
         config = ViTConfig(arch=arch, patch=patch, layout=layout, **({"channels": channels} if channels else {}))
         torch.manual_seed(seed)
         model = VisionTransformer(config)

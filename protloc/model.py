@@ -44,6 +44,7 @@ class ViTConfig:
     layout: str = "fused"
     channels: list[str] = field(default_factory=lambda: ["nucleus", "protein"])  # fused: input channels in order
     vocab: list[str] = field(default_factory=lambda: list(VOCABULARY))  # channel layout: names with an embedding
+    normalize: str = "image"  # how images are normalized for this model (protloc.data.NORMALIZATIONS)
     img_size: int = 224  # the positional grid is stored at img_size // patch and interpolated to any other
     depth: int = 12
     drop_path: float = 0.0

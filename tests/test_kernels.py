@@ -93,7 +93,6 @@ def test_attention_matches_naive_forward_and_backward(lengths):
 
 
 def test_attention_never_crosses_sequences():
-    lengths = [4, 6]
     q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     before = attention_torch(q, k, v, cu, 6)

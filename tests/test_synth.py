@@ -116,7 +116,7 @@ def test_write_dataset_ome_channels(tmp_path):
 def test_write_dataset_deterministic_and_independent_of_n(tmp_path):
     a = synth.write_dataset(tmp_path / "a", 6, size=64, seed=7, fields_per_protein=2)
     b = synth.write_dataset(tmp_path / "b", 3, size=64, seed=7, fields_per_protein=2)
-    c = synth.write_dataset(tmp_path / "c", 3, size=64, seed=8, fields_per_protein=2)
+    synth.write_dataset(tmp_path / "c", 3, size=64, seed=8, fields_per_protein=2)
     assert a[:3] == b
     for i in range(3):
         name = f"field_{i:05d}.tif"

@@ -1,0 +1,136 @@
+"""`protloc pretrain`: DINO self-supervised pretraining on a folder of TIFFs."""
+
+import sys
+import time
+
+import click
+from tqdm import tqdm
+
+from protloc import distributed
+from protloc.augment import MultiCropConfig
+from protloc.cli.options import common, data_options, device_option, show_progress
+from protloc.data import ViewOptions
+from protloc.errors import ProtlocError
+from protloc.model import ARCHS, LAYOUTS
+from protloc.output import check_destination
+from protloc.pretrain import PretrainConfig, Trainer
+from protloc.sources import discover
+
+
+def _pair(_ctx, param, value):
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected two numbers like 0.4,1", param=param) from None
+    if not 0 < lo <= hi <= 1:
+        raise click.BadParameter(f"{value!r}: expected 0 < low <= high <= 1", param=param)
+    return lo, hi
+
+
+@click.command("pretrain")
+@click.argument("data", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, metavar="CKPT", help="The checkpoint to write (and to --resume from).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Length of the run in optimizer steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Length of the run in passes over the data.")
+@click.option("--resume", is_flag=True, help="Continue the run in CKPT exactly where it stopped, with its settings.")
+@click.option("--init", "init", metavar="CKPT", default=None, help="Start the backbone from a protloc checkpoint.")
+@click.option("--stop-at", type=click.IntRange(min=1), default=None,
+              help="Stop after this step with a checkpoint (e.g. to fit a job's time limit); --resume continues.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small", help="Backbone architecture.")
+@click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
+              help="Tokens per patch from all channels (fused) or per channel and patch (channel).")
+@click.option("--out-dim", type=click.IntRange(min=2), default=65536, help="DINO head output dimension.")
+@click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Stochastic depth of the student.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per step and process.")
+@click.option("--lr", type=click.FloatRange(min=0), default=5e-4, help="Peak learning rate at a total batch of 256 (scaled linearly).")
+@click.option("--min-lr", type=click.FloatRange(min=0), default=1e-6, help="Learning rate at the end of the cosine.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=10.0, help="Linear learning-rate warm-up.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.04, help="Weight decay at the start (cosine to --weight-decay-end).")
+@click.option("--weight-decay-end", type=click.FloatRange(min=0), default=0.4, help="Weight decay at the end.")
+@click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=3.0, help="Per-parameter gradient norm clip.")
+@click.option("--freeze-last-layer", type=click.FloatRange(min=0), default=1.0, help="Epochs with the head's last layer frozen.")
+@click.option("--momentum-teacher", type=click.FloatRange(0, 1), default=0.996, help="Teacher EMA momentum (cosine to 1).")
+@click.option("--teacher-temp", type=click.FloatRange(min=0, min_open=True), default=0.04,
+              help="Teacher temperature after warm-up (DINO's recipe for longer runs: 0.07).")
+@click.option("--warmup-teacher-temp", type=click.FloatRange(min=0, min_open=True), default=0.04,
+              help="Teacher temperature at the start.")
+@click.option("--warmup-teacher-temp-epochs", type=click.FloatRange(min=0), default=30.0, help="Teacher temperature warm-up.")
+@click.option("--global-size", type=click.IntRange(min=16), default=224, help="Global crop size (2 per image).")
+@click.option("--local-size", type=click.IntRange(min=16), default=96, help="Local crop size.")
+@click.option("--local-crops", type=click.IntRange(min=0), default=8, help="Local crops per image.")
+@click.option("--global-scale", default="0.4,1", callback=_pair, help="Area range of global crops.")
+@click.option("--local-scale", default="0.05,0.4", callback=_pair, help="Area range of local crops.")
+@click.option("--channel-dropout", type=click.FloatRange(0, 1), default=0.0,
+              help="Probability of zeroing a channel of a crop (never the protein channel).")
+@click.option("--normalize", type=click.Choice(["image", "percentile"]), default="image",
+              help="Per-crop normalization: mean 0 / std 1 per channel (image), or 1-99.8% to 0-1 (percentile); "
+                   "embed uses the same per image.")
+@click.option("--no-pack", is_flag=True, help="Run the transformer once per crop size (DINO's way) instead of one packed pass.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps between checkpoints.")
+@click.option("--log", "log_path", metavar="FILE.jsonl", default=None, help="Append per-step metrics as JSON lines.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, help="Processes decoding TIFFs ahead of training.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              help="A bad image stops the run (fail) or is reported and left out of its batch (skip).")
+@click.option("--seed", type=int, default=0, help="Seed of initialization, data order and augmentation.")
+@click.option("--force", is_flag=True, help="Overwrite CKPT and start afresh.")
+@data_options
+@device_option
+@common
+@click.pass_context
+def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, arch, patch, layout, out_dim, drop_path,
+                     batch_size, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, clip_grad,
+                     freeze_last_layer, momentum_teacher, teacher_temp, warmup_teacher_temp,
+                     warmup_teacher_temp_epochs, global_size, local_size, local_crops, global_scale, local_scale,
+                     channel_dropout, normalize, no_pack, checkpoint_every, log_path, workers, on_error, seed, force,
+                     channels, channel_suffixes, z, axes, max_pixels, device, quiet):
+    """DINO self-supervised pretraining: a backbone that knows your cells, without labels.
+
+    DATA: TIFF files, directories and - (paths on stdin). Runs on many GPUs or nodes with
+    `torchrun --nproc-per-node N -m protloc pretrain ...` (only rank 0 writes).
+
+    \b
+    protloc pretrain cells/ -o dino.pt --arch vit_small --epochs 100 --log train.jsonl
+    protloc pretrain cells/ -o dino.pt --resume      # continue after a stop or crash
+    """
+    if resume:
+        if init is not None:
+            raise click.UsageError("--resume continues a run; --init starts one: give one of them")
+    else:
+        if (steps is None) == (epochs is None):
+            raise click.UsageError("give the length of the run: --steps N or --epochs N (one of them)")
+        check_destination(output, force)
+
+    world = distributed.init(device)
+    try:
+        sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
+        crops = MultiCropConfig(global_size=global_size, local_size=local_size, local_crops=local_crops,
+                                global_scale=global_scale, local_scale=local_scale,
+                                channel_dropout=channel_dropout, normalize=normalize)
+        cfg = PretrainConfig(arch=arch, patch=int(patch), layout=layout, channels=channels, normalize=normalize,
+                             drop_path=drop_path, out_dim=out_dim, batch_size=batch_size, steps=steps, epochs=epochs,
+                             lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                             weight_decay_end=weight_decay_end, clip_grad=clip_grad,
+                             freeze_last_layer=freeze_last_layer, momentum_teacher=momentum_teacher,
+                             warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
+                             warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, crops=crops,
+                             pack=not no_pack, seed=seed)
+        view = ViewOptions(channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
+        trainer = Trainer(sources, cfg, output, world=world, view=view, workers=workers, on_error=on_error,
+                          resume=resume, init=init, checkpoint_every=checkpoint_every, log_path=log_path)
+        total = trainer.schedules.total
+        if trainer.step >= total:
+            raise ProtlocError(f"{output}: the run is already complete ({trainer.step} of {total} steps)")
+        start, t0 = trainer.step, time.perf_counter()
+        bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr,
+                   disable=not (world.is_main and show_progress(ctx)))
+        with bar:
+            trainer.run(stop_at=stop_at, on_step=lambda m: (bar.set_postfix(loss=f"{m['loss']:.4f}"), bar.update(1)))
+        if world.is_main and not quiet:
+            done = trainer.step - start
+            elapsed = time.perf_counter() - t0
+            click.echo(f"protloc: trained steps {start + 1}-{trainer.step} of {total} on {len(sources)} image(s) "
+                       f"x {world.size} process(es) in {elapsed:.0f} s "
+                       f"({done * cfg.batch_size * world.size / elapsed:.1f} img/s); checkpoint {output}", err=True)
+    finally:
+        distributed.close(world)

@@ -1,0 +1,179 @@
+"""DINO self-distillation (Caron et al. 2021): projection head, loss, teacher EMA, schedules.
+
+A student and a teacher network (same ViT + head) see different crops of the same images. The
+teacher's outputs on the 2 global crops, centered and sharpened, are the targets for the
+student's outputs on every other crop (global and local); the teacher is an exponential moving
+average of the student. Centering (a running mean of teacher outputs) and sharpening (a low
+teacher temperature) together keep the outputs from collapsing to one dimension or to uniform.
+Names and defaults follow the reference implementation (facebookresearch/dino).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias, weight = g * v / ||v|| per output row (DINO's `last_layer`).
+
+    Written out instead of torch's weight_norm so the parameter names are DINO's
+    (`weight_g`, `weight_v`) and nothing is deprecated under our feet."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP -> L2-normalized bottleneck -> weight-normalized linear to out_dim logits."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+        # a fixed norm (g = 1) stabilizes training, as in DINO's default for ViTs
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6 if x.dtype == torch.float32 else 1e-4)
+        return self.last_layer(x)
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centered, sharpened teacher outputs and student outputs.
+
+    teacher_out: (2 * B, K) logits on the global crops, crop-major (crop 0 of every image first).
+    student_out: (n_crops * B, K) logits on all crops, crop-major, the 2 global crops first.
+    Every (teacher crop, student crop) pair of different crops is one term; their mean is the loss.
+    The center is a running mean of the teacher's logits, all-reduced over ranks.
+    """
+
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out, teacher_out, n_crops, teacher_temp):
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_crops)
+        targets = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        total, terms = 0.0, 0
+        for t, q in enumerate(targets):
+            for s, logp in enumerate(student_logp):
+                if s == t:  # a crop is not its own target
+                    continue
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                terms += 1
+        self.update_center(teacher_out)
+        return total / terms, targets
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
+        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            dist.all_reduce(count)
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def entropy(probs: torch.Tensor) -> float:
+    """Mean entropy (nats) of rows of probabilities; near 0 or near log(K) means collapse."""
+    return float(-(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean())
+
+
+def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0) -> np.ndarray:
+    """Per-step values: linear warm-up from warmup_start to base, then cosine from base to final."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
+    steps = np.arange(total_steps - warmup_steps)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def teacher_temp_schedule(warmup_temp, temp, warmup_steps, total_steps) -> np.ndarray:
+    """Linear warm-up of the teacher temperature, then constant (DINO's schedule)."""
+    warmup_steps = min(warmup_steps, total_steps)
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_steps), np.full(total_steps - warmup_steps, temp)])
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only: biases and norm parameters (1-D) are not regularized."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, clip: float) -> None:
+    """Clip each parameter's gradient norm to `clip` separately, as the DINO reference does."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+
+
+def collapse_warning(teacher_entropy: float, out_dim: int) -> str | None:
+    """A description of a collapsing teacher, or None: its output entropy near 0 (one dimension
+    dominates) or near log(out_dim) (uniform outputs)."""
+    top = math.log(out_dim)
+    if teacher_entropy < 0.02 * top:
+        return f"teacher output entropy {teacher_entropy:.3f} is near 0: outputs collapse to one dimension"
+    if teacher_entropy > 0.98 * top:
+        return f"teacher output entropy {teacher_entropy:.3f} is near log(out_dim) = {top:.3f}: outputs are uniform"
+    return None
+
+
+class DINOModel(nn.Module):
+    """Backbone + head applied to the crops of a batch.
+
+    crops: a list of (n_i, C, S_i, S_i) tensors of already normalized crops, one per crop size
+    (DINO: the 2B global crops, then the NB local crops, each crop-major). With `pack`, the
+    tokens of all crops run through the transformer in one pass (attention stays within each
+    crop); without, one pass per crop size, as the DINO reference does. Same result either way.
+    Returns the head's logits (sum n_i, out_dim) in the order of the crops.
+    """
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops, channel_names=None, pack=True):
+        tokens = []
+        for c in crops:
+            ones = torch.ones(c.shape[:2], device=c.device)  # (n, C): crops arrive normalized
+            tokens.append(self.backbone.tokens(c, ones, torch.zeros_like(ones), channel_names))
+        if pack:
+            outs = self.backbone.forward_pack(tokens)
+        else:
+            outs = [self.backbone.forward_pack([t])[0] for t in tokens]
+        return self.head(torch.cat([o[:, 0] for o in outs]))  # CLS token of every crop

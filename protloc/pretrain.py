@@ -1,0 +1,315 @@
+"""DINO pretraining: the training loop, its data order, checkpoints and exact resume.
+
+One step: decode B images (loader workers) -> multi-crop on the training device (augment.py)
+-> teacher on the 2 global crops, student on all crops packed into one transformer pass
+(dino.DINOModel) -> DINO loss -> AdamW step with per-parameter gradient clipping -> teacher EMA.
+
+Exact resume: nothing random depends on history. The data order of epoch e is a permutation
+seeded by (seed, e); the crops and stochastic depth of step s are seeded by (seed, s, rank). A
+checkpoint holds student, teacher, optimizer, the loss center and the step, so 2 steps +
+resume to 4 gives the same weights as 4 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from protloc.augment import MultiCropConfig, multi_crop
+from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
+from protloc.data import ImageDataset, ViewOptions, probe_channels, worker_init
+from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
+                          ema_update, entropy, param_groups, teacher_temp_schedule)
+from protloc.distributed import World, all_gather_float
+from protloc.errors import ProtlocError
+from protloc.model import ViTConfig, VisionTransformer
+from protloc.sources import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a run; stored in its checkpoints (a resumed run keeps it)."""
+    arch: str = "vit_small"
+    patch: int = 16
+    layout: str = "fused"
+    channels: list[str] | None = None  # None: the first image's channel names
+    normalize: str = "image"
+    drop_path: float = 0.1
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    batch_size: int = 64  # per process
+    steps: int | None = None  # length: steps, or epochs over the data
+    epochs: int | None = None
+    lr: float = 5e-4  # at a total batch of 256, scaled linearly
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer: float = 1.0  # epochs with the head's last layer frozen
+    momentum_teacher: float = 0.996
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    pack: bool = True  # all crops in one transformer pass (False: one pass per crop size, like DINO)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        crops = d.pop("crops", {})
+        crops = {k: tuple(v) if isinstance(v, list) else v for k, v in crops.items()}
+        return cls(**d, crops=MultiCropConfig(**crops))
+
+
+@dataclass
+class Schedules:
+    """Per-step values of everything that changes during training."""
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer_steps: int
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg: PretrainConfig, n_images: int, world_size: int) -> Schedules:
+        global_batch = cfg.batch_size * world_size
+        if n_images < global_batch:
+            raise ProtlocError(f"{n_images} image(s) are fewer than one batch of {global_batch}; lower --batch-size")
+        per_epoch = n_images // global_batch  # incomplete batches are dropped, as in DINO
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        lr = cfg.lr * global_batch / 256
+        return cls(
+            lr=cosine_schedule(lr, cfg.min_lr, total, warmup_steps=round(cfg.warmup_epochs * per_epoch)),
+            weight_decay=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total),
+            momentum=cosine_schedule(cfg.momentum_teacher, 1.0, total),
+            teacher_temp=teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp,
+                                               round(cfg.warmup_teacher_temp_epochs * per_epoch), total),
+            freeze_last_layer_steps=round(cfg.freeze_last_layer * per_epoch),
+            steps_per_epoch=per_epoch,
+        )
+
+    @property
+    def total(self) -> int:
+        return len(self.lr)
+
+
+class StepBatches:
+    """Image indices of steps [start, stop) for one rank: each epoch a seeded permutation, each
+    global batch split over the ranks. Depends only on (seed, step), which makes resume exact."""
+
+    def __init__(self, n_images, batch_size, world: World, seed, start, stop, steps_per_epoch):
+        self.n, self.batch, self.world, self.seed = n_images, batch_size, world, seed
+        self.start, self.stop, self.per_epoch = start, stop, steps_per_epoch
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        global_batch = self.batch * self.world.size
+        for step in range(self.start, self.stop):
+            epoch, k = divmod(step, self.per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            chunk = order[k * global_batch:(k + 1) * global_batch]
+            yield chunk[self.world.rank::self.world.size].tolist()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def build_models(cfg: PretrainConfig, channels: list[str]) -> tuple[DINOModel, DINOModel]:
+    """Student and teacher with the same initial weights; the teacher has no stochastic depth."""
+    vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, channels=channels,
+                    normalize=cfg.normalize, drop_path=cfg.drop_path)
+    torch.manual_seed(cfg.seed)
+    student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer))
+    teacher = DINOModel(VisionTransformer(dataclasses.replace(vit, drop_path=0.0)),
+                        DINOHead(vit.dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def replica_checksum(model: torch.nn.Module) -> float:
+    """A scalar that differs when two replicas' weights differ (position-weighted sum)."""
+    with torch.no_grad():
+        return float(sum((i + 1) * p.double().sum() for i, p in enumerate(model.parameters())))
+
+
+class Trainer:
+    def __init__(self, sources: list[Source], cfg: PretrainConfig, output, *, world: World = World(),
+                 view: ViewOptions = ViewOptions(), workers: int = 2, on_error: str = "fail",
+                 resume: bool = False, init: str | None = None, checkpoint_every: int = 500, log_path=None):
+        self.sources, self.output, self.world = sources, str(output), world
+        self.workers, self.on_error, self.checkpoint_every, self.log_path = workers, on_error, checkpoint_every, log_path
+        ckpt = load_checkpoint(self.output) if resume else None
+        if ckpt is not None:
+            if "student" not in ckpt:
+                raise ProtlocError(f"{self.output}: not a pretraining checkpoint (nothing to resume)")
+            cfg = PretrainConfig.from_dict(ckpt["train"])
+            if ckpt["n_images"] != len(sources) or ckpt["world_size"] != world.size:
+                raise ProtlocError(f"{self.output}: resuming needs the same data and processes (checkpoint: "
+                                   f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
+        self.cfg = cfg
+        # the loader only decodes and scales to ~0..1; crops are normalized per crop in augment.py
+        channels = cfg.channels or probe_channels(sources, view)
+        self.view = dataclasses.replace(view, size=None, normalize="percentile",
+                                        model_channels=tuple(channels) if cfg.layout == "fused" else None)
+        self.schedules = Schedules.build(cfg, len(sources), world.size)
+        self.student, self.teacher = build_models(cfg, channels)
+        if init is not None and ckpt is None:
+            backbone, _ = model_from_checkpoint(init)
+            load_weights(self.student.backbone, backbone.state_dict(), init)
+            self.teacher.load_state_dict(self.student.state_dict())
+        self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.step = 0
+        if ckpt is not None:
+            self.student.load_state_dict(ckpt["student"])
+            self.teacher.load_state_dict(ckpt["teacher"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.loss_fn.center.copy_(ckpt["center"])
+            self.step = ckpt["step"]
+        self.last_saved = self.step if ckpt is not None else None
+        device = world.device
+        for m in (self.student, self.teacher, self.loss_fn):
+            m.to(device)
+        self._move_optimizer_state(device)
+        self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
+                    if world.size > 1 else None)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    def _move_optimizer_state(self, device):
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v) and k != "step":
+                    state[k] = v.to(device)
+
+    def batches(self, stop):
+        dataset = ImageDataset(self.sources, self.view)
+        sampler = StepBatches(len(self.sources), self.cfg.batch_size, self.world, self.cfg.seed,
+                              self.step, stop, self.schedules.steps_per_epoch)
+        if self.workers == 0:
+            return ([dataset[i] for i in idx] for idx in sampler)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list,
+                                                num_workers=self.workers, prefetch_factor=2,
+                                                worker_init_fn=worker_init))
+
+    def images(self, items):
+        """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped."""
+        out, names = [], []
+        for item in items:
+            if item.error is not None:
+                if self.on_error == "fail":
+                    raise ProtlocError(item.error)
+                log.warning("skipped %s", item.error)
+                continue
+            x = torch.from_numpy(item.pixels).to(self.world.device).float()
+            scale, shift = (torch.from_numpy(a).to(self.world.device) for a in (item.scale, item.shift))
+            out.append(x * scale[:, None, None] + shift[:, None, None])
+            names = list(item.channel_names)
+        if not out:
+            raise ProtlocError("every image of a batch failed to load")
+        return out, names
+
+    def train_step(self, items) -> dict:
+        cfg, sched, step = self.cfg, self.schedules, self.step
+        start = time.perf_counter()
+        images, names = self.images(items)
+        protein = names.index("protein") if "protein" in names else None
+        seed = step_seed(cfg.seed, step, self.world.rank)
+        torch.manual_seed(seed)  # stochastic depth
+        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed), protein)
+        crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
+        n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
+
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(sched.lr[step])
+            if i == 0:  # only the first group is regularized
+                group["weight_decay"] = float(sched.weight_decay[step])
+        student = self.ddp or self.student
+        with self.autocast:
+            teacher_out = self.teacher(crops[:1], names, cfg.pack)
+            student_out = student(crops, names, cfg.pack)
+            loss, targets = self.loss_fn(student_out, teacher_out, n_crops, sched.teacher_temp[step])
+        losses = all_gather_float(self.world, loss.item())
+        if not all(math.isfinite(v) for v in losses):
+            kept = f"; the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved else ""
+            raise ProtlocError(f"loss became {losses} at step {step + 1}: training diverged{kept}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(self.student, cfg.clip_grad)
+        if step < sched.freeze_last_layer_steps:
+            for p in self.student.head.last_layer.parameters():
+                p.grad = None
+        self.optimizer.step()
+        ema_update(self.teacher, self.student, float(sched.momentum[step]))
+        self.step += 1
+
+        elapsed = time.perf_counter() - start
+        images_done = len(images) * self.world.size
+        return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
+                "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
+                "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
+                "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
+                "peak_memory_mb": peak_memory_mb(self.world.device)}
+
+    def save(self):
+        sums = all_gather_float(self.world, replica_checksum(self.teacher))
+        if len(set(sums)) > 1:
+            raise ProtlocError(f"teacher weights differ between ranks at step {self.step} ({sums}): replicas diverged")
+        if self.world.is_main:
+            save_checkpoint(self.output, self.teacher.backbone.config, self.teacher.backbone.state_dict(),
+                            teacher=self.teacher.state_dict(), student=self.student.state_dict(),
+                            optimizer=self.optimizer.state_dict(), center=self.loss_fn.center.cpu(),
+                            step=self.step, train=self.cfg.to_dict(), n_images=len(self.sources),
+                            world_size=self.world.size, replica_checksums=sums)
+        self.last_saved = self.step
+
+    def run(self, stop_at: int | None = None, on_step=None):
+        """Train to the end (or to step `stop_at`), checkpointing along the way and at the end."""
+        stop = min(self.schedules.total, stop_at) if stop_at is not None else self.schedules.total
+        warned = False
+        with open(self.log_path, "a") if self.log_path and self.world.is_main else contextlib.nullcontext() as log_file:
+            for items in self.batches(stop):
+                metrics = self.train_step(items)
+                if log_file is not None:
+                    log_file.write(json.dumps(metrics) + "\n")
+                    log_file.flush()
+                problem = collapse_warning(metrics["teacher_entropy"], self.cfg.out_dim)
+                if problem and not warned and self.step > self.schedules.total // 10:
+                    log.warning("step %d: %s", self.step, problem)
+                    warned = True
+                if on_step is not None:
+                    on_step(metrics)
+                if self.step % self.checkpoint_every == 0 or self.step == stop:
+                    self.save()
+        return self.step
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set (KiB on Linux) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
