@@ -38,6 +38,7 @@ def _check_output(output: str) -> None:
 @click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size of a random backbone.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
               help="Token layout of a random backbone: one token per patch (fused) or per channel and patch.")
+@click.option("--depth", type=click.IntRange(min=1), default=12, help="Transformer blocks of a random backbone.")
 @click.option("--size", type=click.IntRange(min=8), default=None,
               help="Resize each image to SIZE x SIZE first. Default: native size (images of one size batch together).")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
@@ -56,7 +57,7 @@ def _check_output(output: str) -> None:
 @device_option
 @common
 @click.pass_context
-def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, size, normalize, pool, batch_size,
+def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, batch_size,
                   workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels, device, quiet):
     """Embed images: one vector per image, rows in input order.
 
@@ -75,7 +76,8 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, siz
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
     opts = ViewOptions(size=size, normalize=normalize or "image", channels=tuple(channels) if channels else None,
                        z=z, axes=axes, max_pixels=max_pixels)
-    model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, seed=seed)
+    model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
+                                      depth=depth, seed=seed)
     opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
     device = resolve_device(device)
 

@@ -24,10 +24,10 @@ def _ks(_ctx, param, value):
 
 
 @click.command("knn")
-@click.argument("emb", metavar="EMB")
+@click.argument("embs", metavar="EMB...", nargs=-1, required=True)
 @click.option("--labels", "labels_path", required=True, metavar="CSV",
               help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
-@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy (as written by `protloc embed --ids`).")
+@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
 @click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07,
               help="Vote weight exp(similarity / T), as in DINO.")
@@ -44,32 +44,37 @@ def _ks(_ctx, param, value):
                    "(default: those recorded in an .npz).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 @common
-def knn_command(emb, labels_path, ids_path, ks, temperature, folds, loo, seed, json_path, id_column,
+def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, seed, json_path, id_column,
                 label_column, group_column, channel_suffixes, force, quiet):
     """Evaluate embeddings by weighted k-NN: macro F1 (mean ± std over folds) and accuracy per k.
 
-    EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin).
+    EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin). Several EMB
+    files (e.g. random-init and pretrained) are evaluated on the same folds and shown side by side.
     The table goes to stdout."""
+    if ids_path and len(embs) > 1:
+        raise click.UsageError("--ids goes with a single EMB; use .npz files to compare several")
     if json_path:
         check_destination(json_path, force)
-    emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None)
-    if emb_file.ids is None:
-        raise ProtlocError(f"{emb_file.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
     labels = read_labels(labels_path, id_column=id_column, label_column=label_column, group_column=group_column)
-    suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
-    matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
-    if not quiet:
-        click.echo(f"protloc: {len(matched.rows)} labelled row(s), {len(matched.classes)} classes"
-                   f"{' (multi-label)' if matched.multilabel else ''}"
-                   + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
-
-    results = cross_validate(emb_file.x[matched.rows], matched, ks=ks, folds=folds, loo=loo,
-                             temperature=temperature, seed=seed)
-    click.echo(format_table(results))
-    if json_path:
+    runs, records = [], []
+    for emb in embs:
+        emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None)
+        if emb_file.ids is None:
+            raise ProtlocError(f"{emb_file.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
+        matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
+        if not quiet:
+            click.echo(f"protloc: {emb_file.source}: {len(matched.rows)} labelled row(s), {len(matched.classes)} classes"
+                       f"{' (multi-label)' if matched.multilabel else ''}"
+                       + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
+        results = cross_validate(emb_file.x, matched, ks=ks, folds=folds, loo=loo, temperature=temperature, seed=seed)
+        runs.append((emb_file.source, results))
         meta = {"embeddings": emb_file.source, "labels": labels_path, "rows": int(len(matched.rows)),
                 "classes": matched.classes, "multilabel": matched.multilabel, "temperature": temperature,
                 "protocol": "leave-one-out" if loo else f"{folds}-fold", "seed": seed,
                 "grouped": matched.groups is not None}
+        records.append(results_to_json(results, meta))
+    click.echo(format_table(runs))
+    if json_path:
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
-            json.dump(results_to_json(results, meta), f, indent=2)
+            json.dump({"runs": records}, f, indent=2)

@@ -40,6 +40,7 @@ def _pair(_ctx, param, value):
 @click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size.")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
               help="Tokens per patch from all channels (fused) or per channel and patch (channel).")
+@click.option("--depth", type=click.IntRange(min=1), default=12, help="Transformer blocks (DINO's ViTs: 12).")
 @click.option("--out-dim", type=click.IntRange(min=2), default=65536, help="DINO head output dimension.")
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Stochastic depth of the student.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per step and process.")
@@ -78,7 +79,7 @@ def _pair(_ctx, param, value):
 @device_option
 @common
 @click.pass_context
-def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, arch, patch, layout, out_dim, drop_path,
+def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, arch, patch, layout, depth, out_dim, drop_path,
                      batch_size, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, clip_grad,
                      freeze_last_layer, momentum_teacher, teacher_temp, warmup_teacher_temp,
                      warmup_teacher_temp_epochs, global_size, local_size, local_crops, global_scale, local_scale,
@@ -107,7 +108,7 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
         crops = MultiCropConfig(global_size=global_size, local_size=local_size, local_crops=local_crops,
                                 global_scale=global_scale, local_scale=local_scale,
                                 channel_dropout=channel_dropout, normalize=normalize)
-        cfg = PretrainConfig(arch=arch, patch=int(patch), layout=layout, channels=channels, normalize=normalize,
+        cfg = PretrainConfig(arch=arch, patch=int(patch), layout=layout, depth=depth, channels=channels, normalize=normalize,
                              drop_path=drop_path, out_dim=out_dim, batch_size=batch_size, steps=steps, epochs=epochs,
                              lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
                              weight_decay_end=weight_decay_end, clip_grad=clip_grad,

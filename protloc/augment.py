@@ -44,7 +44,7 @@ class MultiCropConfig:
     contrast: float = 0.3  # per crop and channel: (x - mean) * U(1-c, 1+c) + mean
     gamma: float = 0.3  # per crop and channel: max(x, 0) ** g, log g ~ U(log(1-g), log(1+g))
     blur: tuple[float, float, float] = (1.0, 0.1, 0.5)  # blur probability: global 1, global 2, each local
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in output pixels
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # DINO's, in pixels of a 224-px crop: scaled to the crop size
     noise: float = 0.05  # prob 0.5 per crop: + N(0, 1) * U(0, noise) * (crop channel std)
     channel_dropout: float = 0.0  # per crop and channel; never the protein channel, never all channels
     normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile": leave as is
@@ -167,10 +167,11 @@ def augment(x: torch.Tensor, blur_p: torch.Tensor, cfg: MultiCropConfig, generat
     x = intensity_jitter(x, cfg, generator)
 
     blurred = torch.rand(n, generator=generator) < blur_p
-    sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], generator, n)
+    # DINO's sigmas are for 224-px crops: a 64-px crop of the same field gets proportionally less
+    sigma = _uniform(cfg.blur_sigma[0], cfg.blur_sigma[1], generator, n) * (S / 224)
     if blurred.any():
         idx = blurred.nonzero()[:, 0]  # only the chosen crops: the others stay bit-exact
-        radius = min(math.ceil(3 * cfg.blur_sigma[1]), S - 1)  # reflect padding needs radius < S
+        radius = min(math.ceil(3 * cfg.blur_sigma[1] * S / 224), S - 1)  # reflect padding needs radius < S
         on = idx.to(x.device)
         x = x.index_copy(0, on, gaussian_blur(x[on], sigma[idx], radius))
 

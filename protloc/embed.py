@@ -31,7 +31,7 @@ class EmbedStats:
 
 
 def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",
-                  patch=16, layout="fused", seed=0) -> tuple[VisionTransformer, dict]:
+                  patch=16, layout="fused", depth=12, seed=0) -> tuple[VisionTransformer, dict]:
     """The backbone named by `weights` (a checkpoint path, or "random") and meta describing it.
 
     A random backbone takes its input channels from --channels or, failing that, from the
@@ -40,7 +40,7 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
         channels = list(opts.channels) if opts.channels else None
         if channels is None and layout == "fused":
             channels = probe_channels(sources, opts)
-        config = ViTConfig(arch=arch, patch=patch, layout=layout, **({"channels": channels} if channels else {}))
+        config = ViTConfig(arch=arch, patch=patch, layout=layout, depth=depth, **({"channels": channels} if channels else {}))
         torch.manual_seed(seed)
         model = VisionTransformer(config)
         return model, {"weights": "random", "seed": seed, "config": config.to_dict()}

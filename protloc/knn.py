@@ -217,13 +217,19 @@ def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, l
                       float(np.std(accs[k])), f1s[k]) for k in ks]
 
 
-def format_table(results: list[KnnResult]) -> str:
-    """A plain-text table, one line per k: macro F1 and accuracy as mean ± std."""
-    lines = [f"{'k':<5}{'macro F1':<17}accuracy"]
-    for r in results:
-        f1 = f"{r.f1_macro_mean:.3f} ± {r.f1_macro_std:.3f}"
-        lines.append(f"{r.k:<5}{f1:<17}{r.accuracy_mean:.3f} ± {r.accuracy_std:.3f}")
-    return "\n".join(lines)
+def format_table(named_runs: list[tuple[str, list[KnnResult]]]) -> str:
+    """A plain-text table, one line per k: macro F1 and accuracy (mean ± std) of each
+    (name, results) run side by side; with several runs a first line names them."""
+    cell = 17
+    runs = [results for _, results in named_runs]
+    lines = [f"{'k':<5}" + f"{'macro F1':<{cell}}{'accuracy':<{cell}}" * len(runs)]
+    if len(runs) > 1:
+        lines.insert(0, " " * 5 + "".join(f"{name[:2 * cell - 1]:<{2 * cell}}" for name, _ in named_runs))
+    for row in zip(*runs):
+        cells = "".join(f"{f'{r.f1_macro_mean:.3f} ± {r.f1_macro_std:.3f}':<{cell}}"
+                        f"{f'{r.accuracy_mean:.3f} ± {r.accuracy_std:.3f}':<{cell}}" for r in row)
+        lines.append(f"{row[0].k:<5}{cells}".rstrip())
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def results_to_json(results: list[KnnResult], meta: dict) -> dict:

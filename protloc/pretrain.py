@@ -44,6 +44,7 @@ class PretrainConfig:
     arch: str = "vit_small"
     patch: int = 16
     layout: str = "fused"
+    depth: int = 12
     channels: list[str] | None = None  # None: the first image's channel names
     normalize: str = "image"
     drop_path: float = 0.1
@@ -139,7 +140,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def build_models(cfg: PretrainConfig, channels: list[str]) -> tuple[DINOModel, DINOModel]:
     """Student and teacher with the same initial weights; the teacher has no stochastic depth."""
-    vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, channels=channels,
+    vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
                     normalize=cfg.normalize, drop_path=cfg.drop_path)
     torch.manual_seed(cfg.seed)
     student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer))

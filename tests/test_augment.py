@@ -130,8 +130,9 @@ def high_frequency_energy(x):
 
 def test_blur_reduces_high_frequency_energy():
     images = rand_images([(64, 64)] * 2, 2)
+    # sigmas are in pixels of a 224-px crop: (7, 14) is 1-2 px on the 32-px global crops
     sharp = multi_crop(images, PLAIN, gen())
-    blurred = multi_crop(images, dataclasses.replace(PLAIN, blur=(1.0, 1.0, 1.0), blur_sigma=(1.0, 2.0)), gen())
+    blurred = multi_crop(images, dataclasses.replace(PLAIN, blur=(1.0, 1.0, 1.0), blur_sigma=(7.0, 14.0)), gen())
     for s, b in zip(sharp, blurred):
         assert high_frequency_energy(b) < 0.5 * high_frequency_energy(s)
 

@@ -162,9 +162,14 @@ def test_embed_then_knn_with_json(cells, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["k", "macro", "F1"] and [l.split()[0] for l in lines[1:]] == ["1", "3"]
-    report = json.loads((tmp_path / "knn.json").read_text())
+    report = json.loads((tmp_path / "knn.json").read_text())["runs"][0]
     assert [r["k"] for r in report["results"]] == [1, 3]
     assert 0.0 <= report["results"][0]["f1_macro_mean"] <= 1.0 and report["meta"]["grouped"]
+    # two files side by side, same folds: the same embeddings score the same
+    both = run(["knn", emb, emb, "--labels", cells / "labels.csv", "-k", "1,3", "--folds", "3"])
+    assert both.exit_code == 0
+    row = both.stdout.strip().splitlines()[2].split()
+    assert row[1:7] == row[7:13]
 
 
 def test_knn_from_a_pipe_and_its_errors(cells, tmp_path):
@@ -199,3 +204,24 @@ def test_yeast_crops_embed_to_1131_rows(shared_data, tmp_path):
                   "--label-column", "control_localization", "--channel-suffixes", "gfp,rfp", "-k", "5"])
     assert result.exit_code == 0, result.output
     assert "1131 labelled row(s), 2 classes" in result.stderr
+
+
+def test_knn_ignores_unlabelled_rows_correctly(tmp_path):
+    """Rows without a label are left out, and the labelled rows keep their own vectors."""
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}.tif" for i in range(12)]
+    x = rng.standard_normal((12, 8)).astype(np.float32)
+    x[1::2] += 6.0  # odd images form a far-away cluster: every unlabelled row sits among them
+    labelled = [0, 2, 4, 6, 8, 10, 1, 3]  # 6 even (class a) and 2 odd (class b) rows
+    np.savez(tmp_path / "e.npz", embeddings=x, ids=np.array(ids), meta=np.array(json.dumps({"cwd": str(tmp_path)})))
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"img{i}.tif,{'b' if i % 2 else 'a'}\n" for i in labelled))
+    result = run(["knn", tmp_path / "e.npz", "--labels", tmp_path / "labels.csv", "--loo", "-k", "1"])
+    assert result.exit_code == 0, result.output
+    assert "4 unlabelled row(s) ignored" in result.stderr
+    # brute force on the labelled rows only: 1-NN by cosine, leave-one-out
+    xn = x[labelled] / np.linalg.norm(x[labelled], axis=1, keepdims=True)
+    sim = xn @ xn.T
+    np.fill_diagonal(sim, -np.inf)
+    y = np.array([i % 2 for i in labelled])
+    accuracy = float((y[sim.argmax(1)] == y).mean())
+    assert result.stdout.strip().splitlines()[1].split()[4] == f"{accuracy:.3f}"

@@ -201,9 +201,14 @@ def test_rows_select_embeddings_and_k_is_clipped(caplog):
 def test_table_and_json():
     results = [KnnResult(1, 0.8123, 0.0213, 0.83, 0.018, [0.8, 0.82]),
                KnnResult(20, 0.9, 0.0, 0.91, 0.0, [0.9, 0.9])]
-    lines = format_table(results).splitlines()
+    lines = format_table([("e.npz", results)]).splitlines()
     assert lines[0].split() == ["k", "macro", "F1", "accuracy"]
     assert lines[1] == "1    0.812 ± 0.021    0.830 ± 0.018"
     assert lines[0].index("accuracy") == lines[1].index("0.830")
+    side_by_side = format_table([("random.npz", results), ("dino.npz", results[::-1])]).splitlines()
+    assert side_by_side[0].split() == ["random.npz", "dino.npz"] and len(side_by_side) == 4
+    assert side_by_side[2].split() == ["1", "0.812", "±", "0.021", "0.830", "±", "0.018",
+                                       "0.900", "±", "0.000", "0.910", "±", "0.000"]
+    assert side_by_side[0].index("dino.npz") == side_by_side[2].index("0.900")
     record = json.loads(json.dumps(results_to_json(results, {"folds": 2})))
     assert record["meta"] == {"folds": 2} and record["results"][1]["k"] == 20
