@@ -28,7 +28,6 @@ from protloc.data import ViewOptions
 from protloc.embed import embed
 from protloc.knn import cross_validate
 from protloc.labels import match_rows, read_labels
-from protloc.model import ViTConfig, VisionTransformer
 from protloc.pretrain import PretrainConfig, Trainer
 from protloc.sources import discover
 from protloc.synth import write_dataset
@@ -51,7 +50,7 @@ def knn_f1(model, sources, labels, size, suffixes, grouped):
 def run(name, sources, labels, args, size, suffixes=None, grouped=True):
     crops = MultiCropConfig(global_size=size, local_size=size // 2, local_crops=args.local_crops)
     base = dict(arch=args.arch, patch=args.patch, depth=args.depth, out_dim=args.out_dim, batch_size=args.batch_size,
-                lr=args.lr, momentum_teacher=args.momentum, warmup_epochs=1.0, warmup_teacher_temp_epochs=0.0,
+                lr=args.lr, momentum_teacher=args.momentum, warmup_epochs=args.warmup_epochs, warmup_teacher_temp_epochs=0.0,
                 freeze_last_layer=0.0, crops=crops)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Trainer(sources, PretrainConfig(**base, steps=4), os.path.join(tmp, "probe.pt"), workers=args.workers,
@@ -82,14 +81,16 @@ def main():
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--out-dim", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.004)
+    ap.add_argument("--lr", type=float, default=0.0016, help="at a batch of 256 (x batch / 256)")
+    ap.add_argument("--warmup-epochs", type=float, default=10.0)
     ap.add_argument("--momentum", type=float, default=0.99)
-    ap.add_argument("--local-crops", type=int, default=4)
+    ap.add_argument("--local-crops", type=int, default=0, help="0: a short CPU run learns faster without them")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"# {args.arch}/{args.patch} depth {args.depth}, out_dim {args.out_dim}, batch {args.batch_size}, "
-          f"lr {args.lr}, teacher momentum {args.momentum}, 2 global + {args.local_crops} local crops; "
+          f"lr {args.lr} (warm-up {args.warmup_epochs} epochs), teacher momentum {args.momentum}, "
+          f"2 global + {args.local_crops} local crops; "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'data':<6} {'k':>3} {'random-init F1':<16} {'pretrained F1':<16} pretraining")
     for name in args.data.split(","):

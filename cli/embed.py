@@ -47,10 +47,6 @@ def _check_output(output: str) -> None:
                    "(recorded in its checkpoint; image for a random backbone).")
 @click.option("--pool", type=click.Choice(POOLINGS), default="cls", help="The CLS token, or the mean of the patch tokens.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
-              help="Processes decoding TIFFs ahead of the model (0: decode in the main process).")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
-              help="A bad image stops the run (fail) or is reported on stderr and left out (skip).")
 @click.option("--seed", type=int, default=0, help="Seed of a random backbone.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @data_options

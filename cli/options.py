@@ -1,6 +1,7 @@
 """Options shared by several commands, declared once."""
 
 import logging
+import os
 import sys
 
 import click
@@ -45,7 +46,12 @@ def _channel_names(_ctx, param, value):
 
 
 def data_options(f):
-    """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, limits."""
+    """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, limits,
+    decoding processes, and what a bad image does."""
+    f = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+                     help="A bad image stops the run (fail) or is reported on stderr and left out (skip).")(f)
+    f = click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
+                     help="Processes decoding TIFFs ahead of the model (0: decode in the main process).")(f)
     f = click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
                      help="Refuse images that declare more pixels than this (guards memory).")(f)
     f = click.option("--axes", default=None, metavar="AXES",

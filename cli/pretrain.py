@@ -70,9 +70,6 @@ def _pair(_ctx, param, value):
 @click.option("--no-pack", is_flag=True, help="Run the transformer once per crop size (DINO's way) instead of one packed pass.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps between checkpoints.")
 @click.option("--log", "log_path", metavar="FILE.jsonl", default=None, help="Append per-step metrics as JSON lines.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, help="Processes decoding TIFFs ahead of training.")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
-              help="A bad image stops the run (fail) or is reported and left out of its batch (skip).")
 @click.option("--seed", type=int, default=0, help="Seed of initialization, data order and augmentation.")
 @click.option("--force", is_flag=True, help="Overwrite CKPT and start afresh.")
 @data_options

@@ -172,8 +172,8 @@ class Trainer:
                 raise ProtlocError(f"{self.output}: resuming needs the same data and processes (checkpoint: "
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
         self.cfg = cfg
-        # the loader only decodes and scales to ~0..1; crops are normalized per crop in augment.py
-        channels = cfg.channels or probe_channels(sources, view)
+        # the loader only decodes and scales to ~0..1; augment.py standardizes the crops
+        channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view)
         self.view = dataclasses.replace(view, size=None, normalize="percentile",
                                         model_channels=tuple(channels) if cfg.layout == "fused" else None)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
@@ -183,9 +183,11 @@ class Trainer:
             load_weights(self.student.backbone, backbone.state_dict(), init)
             self.teacher.load_state_dict(self.student.state_dict())
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        for m in (self.student, self.teacher, self.loss_fn):
+            m.to(world.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.step = 0
-        if ckpt is not None:
+        if ckpt is not None:  # on the device already: the optimizer state follows its parameters
             self.student.load_state_dict(ckpt["student"])
             self.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -193,19 +195,10 @@ class Trainer:
             self.step = ckpt["step"]
         self.last_saved = self.step if ckpt is not None else None
         device = world.device
-        for m in (self.student, self.teacher, self.loss_fn):
-            m.to(device)
-        self._move_optimizer_state(device)
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
                     if world.size > 1 else None)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
-
-    def _move_optimizer_state(self, device):
-        for state in self.optimizer.state.values():
-            for k, v in state.items():
-                if torch.is_tensor(v) and k != "step":
-                    state[k] = v.to(device)
 
     def batches(self, stop):
         dataset = ImageDataset(self.sources, self.view)
