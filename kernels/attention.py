@@ -19,15 +19,17 @@ import torch.nn.functional as F
 
 def attention_torch(q, k, v, cu_seqlens, max_seqlen):
     total, heads, head_dim = q.shape
-    lengths = cu_seqlens.diff().tolist()
-    outs, start, i = [], 0, 0
-    while i < len(lengths):
-        L, j = lengths[i], i
-        while j < len(lengths) and lengths[j] == L:  # the run of sequences i..j-1, all of length L
-            j += 1
-        rows = (j - i) * L
-        qb, kb, vb = (t[start:start + rows].view(j - i, L, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, kb, vb)  # (n, H, L, Dh)
-        outs.append(out.transpose(1, 2).reshape(rows, heads, head_dim))
-        start, i = start + rows, j
+    runs = []  # (sequences, length) of each run of consecutive equal-length sequences
+    for L in cu_seqlens.diff().tolist():
+        if runs and runs[-1][1] == L:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, L])
+    rows = [n * L for n, L in runs]
+    outs = []
+    # split, not slicing: its backward is one concatenation, not a zero-filled full-size gradient per run
+    for (n, L), qr, kr, vr in zip(runs, q.split(rows), k.split(rows), v.split(rows)):
+        qb, kb, vb = (t.view(n, L, heads, head_dim).transpose(1, 2) for t in (qr, kr, vr))  # (n, H, L, Dh)
+        out = F.scaled_dot_product_attention(qb, kb, vb)
+        outs.append(out.transpose(1, 2).reshape(n * L, heads, head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
