@@ -9,12 +9,11 @@ import click
 from tqdm import tqdm
 
 from protloc import __version__
-from protloc.cli.options import common, data_options, device_option, show_progress
+from protloc.cli.options import architecture_options, common, data_options, device_option, show_progress
 from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import POOLINGS, EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
-from protloc.model import ARCHS, LAYOUTS
 from protloc.embeddings import RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
 from protloc.sources import discover
@@ -34,11 +33,7 @@ def _check_output(output: str) -> None:
               help="Write the row ids (one line per row: the image path, or the group stem) to FILE.")
 @click.option("--weights", required=True, metavar="CKPT|random",
               help="A protloc checkpoint, or 'random' for a random-init baseline built from --arch/--patch/--layout.")
-@click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small", help="Architecture of a random backbone.")
-@click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size of a random backbone.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
-              help="Token layout of a random backbone: one token per patch (fused) or per channel and patch.")
-@click.option("--depth", type=click.IntRange(min=1), default=12, help="Transformer blocks of a random backbone.")
+@architecture_options("a random backbone")
 @click.option("--size", type=click.IntRange(min=8), default=None,
               help="Resize each image to SIZE x SIZE first. Default: native size (images of one size batch together).")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,

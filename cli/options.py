@@ -8,6 +8,7 @@ import click
 
 from protloc.channels import parse_names
 from protloc.errors import ProtlocError
+from protloc.model import ARCHS, LAYOUTS
 from protloc.tiff import DEFAULT_MAX_PIXELS, Z_PROJECTIONS
 
 
@@ -65,6 +66,20 @@ def data_options(f):
                      help="Comma-separated channel names: name the channels in file order, or select and "
                           "reorder channels of files that store names (OME). Default: as stored.")(f)
     return f
+
+
+def architecture_options(of: str):
+    """--arch, --patch, --layout, --depth of a new backbone; `of` names it in the help."""
+    def decorate(f):
+        f = click.option("--depth", type=click.IntRange(min=1), default=12,
+                         help=f"Transformer blocks of {of} (DINO's ViTs have 12).")(f)
+        f = click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
+                         help=f"Token layout of {of}: one token per patch from all channels (fused), "
+                              "or one per channel and patch (channel).")(f)
+        f = click.option("--patch", type=click.Choice(["8", "16"]), default="16", help=f"Patch size of {of}.")(f)
+        return click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small",
+                            help=f"Architecture of {of}.")(f)
+    return decorate
 
 
 def device_option(f):

@@ -8,10 +8,9 @@ from tqdm import tqdm
 
 from protloc import distributed
 from protloc.augment import MultiCropConfig
-from protloc.cli.options import common, data_options, device_option, show_progress
+from protloc.cli.options import architecture_options, common, data_options, device_option, show_progress
 from protloc.data import ViewOptions
 from protloc.errors import ProtlocError
-from protloc.model import ARCHS, LAYOUTS
 from protloc.output import check_destination
 from protloc.pretrain import PretrainConfig, Trainer
 from protloc.sources import discover
@@ -36,11 +35,7 @@ def _pair(_ctx, param, value):
 @click.option("--init", "init", metavar="CKPT", default=None, help="Start the backbone from a protloc checkpoint.")
 @click.option("--stop-at", type=click.IntRange(min=1), default=None,
               help="Stop after this step with a checkpoint (e.g. to fit a job's time limit); --resume continues.")
-@click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small", help="Backbone architecture.")
-@click.option("--patch", type=click.Choice(["8", "16"]), default="16", help="Patch size.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
-              help="Tokens per patch from all channels (fused) or per channel and patch (channel).")
-@click.option("--depth", type=click.IntRange(min=1), default=12, help="Transformer blocks (DINO's ViTs: 12).")
+@architecture_options("the backbone")
 @click.option("--out-dim", type=click.IntRange(min=2), default=65536, help="DINO head output dimension.")
 @click.option("--drop-path", type=click.FloatRange(0, 1, max_open=True), default=0.1, help="Stochastic depth of the student.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per step and process.")
