@@ -60,8 +60,8 @@ def _pair(_ctx, param, value):
 @click.option("--channel-dropout", type=click.FloatRange(0, 1), default=0.0,
               help="Probability of zeroing a channel of a crop (never the protein channel).")
 @click.option("--normalize", type=click.Choice(["image", "percentile"]), default="image",
-              help="Per-crop normalization: mean 0 / std 1 per channel (image), or 1-99.8% to 0-1 (percentile); "
-                   "embed uses the same per image.")
+              help="Crops standardized with their whole image's channel mean / std (image), or its 1-99.8% "
+                   "range mapped to 0-1 (percentile); recorded in the checkpoint, so embed uses the same.")
 @click.option("--no-pack", is_flag=True, help="Run the transformer once per crop size (DINO's way) instead of one packed pass.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps between checkpoints.")
 @click.option("--log", "log_path", metavar="FILE.jsonl", default=None, help="Append per-step metrics as JSON lines.")

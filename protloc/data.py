@@ -155,20 +155,25 @@ def _collate(items: list[Item]) -> Batch:
                  torch.from_numpy(np.stack([it.shift for it in items])), items[0].channel_names)
 
 
-def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None = None):
-    """Group consecutive items of equal shape, dtype and channel names into batches, in order.
+def usable(item: Item, on_error: str, skipped: list | None = None) -> bool:
+    """Whether an item can be used. A failed item raises ProtlocError (on_error="fail"), or is
+    logged, appended to `skipped` as (id, message) and left out (on_error="skip")."""
+    if item.error is None:
+        return True
+    if on_error == "fail":
+        raise ProtlocError(item.error)
+    log.warning("skipped %s", item.error)
+    if skipped is not None:
+        skipped.append((item.id, item.error))
+    return False
 
-    A failed item raises ProtlocError (on_error="fail"), or is logged, appended to `skipped`
-    as (id, message) and left out (on_error="skip")."""
+
+def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None = None):
+    """Group consecutive usable items of equal shape, dtype and channel names into batches, in order."""
     pending: list[Item] = []
     pending_key = None
     for item in items:
-        if item.error is not None:
-            if on_error == "fail":
-                raise ProtlocError(item.error)
-            log.warning("skipped %s", item.error)
-            if skipped is not None:
-                skipped.append((item.id, item.error))
+        if not usable(item, on_error, skipped):
             continue
         key = (item.pixels.shape, item.pixels.dtype, item.channel_names)
         if pending and (len(pending) == batch_size or key != pending_key):

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protloc.augment import MultiCropConfig, multi_crop
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import ImageDataset, ViewOptions, probe_channels, worker_init
+from protloc.data import ImageDataset, ViewOptions, probe_channels, usable, worker_init
 from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, param_groups, teacher_temp_schedule)
 from protloc.distributed import World, all_gather_float
@@ -127,9 +127,11 @@ class StepBatches:
 
     def __iter__(self):
         global_batch = self.batch * self.world.size
+        order_epoch, order = None, None
         for step in range(self.start, self.stop):
             epoch, k = divmod(step, self.per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            if epoch != order_epoch:  # one permutation per epoch, drawn when the epoch starts
+                order_epoch, order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
             chunk = order[k * global_batch:(k + 1) * global_batch]
             yield chunk[self.world.rank::self.world.size].tolist()
 
@@ -213,12 +215,7 @@ class Trainer:
     def images(self, items):
         """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped."""
         out, names = [], []
-        for item in items:
-            if item.error is not None:
-                if self.on_error == "fail":
-                    raise ProtlocError(item.error)
-                log.warning("skipped %s", item.error)
-                continue
+        for item in filter(lambda it: usable(it, self.on_error), items):
             x = torch.from_numpy(item.pixels).to(self.world.device).float()
             scale, shift = (torch.from_numpy(a).to(self.world.device) for a in (item.scale, item.shift))
             out.append(x * scale[:, None, None] + shift[:, None, None])
