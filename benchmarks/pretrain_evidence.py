@@ -51,7 +51,7 @@ def run(name, sources, labels, args, size, suffixes=None, grouped=True):
     crops = MultiCropConfig(global_size=size, local_size=size // 2, local_crops=args.local_crops)
     base = dict(arch=args.arch, patch=args.patch, depth=args.depth, out_dim=args.out_dim, batch_size=args.batch_size,
                 lr=args.lr, momentum_teacher=args.momentum, warmup_epochs=args.warmup_epochs, warmup_teacher_temp_epochs=0.0,
-                freeze_last_layer=0.0, crops=crops)
+                freeze_last_layer=0.0, use_bn_in_head=not args.no_bn_in_head, crops=crops)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(sources, PretrainConfig(**base, steps=args.steps), os.path.join(tmp, "dino.pt"),
                           workers=args.workers, checkpoint_every=10**9)
@@ -79,12 +79,13 @@ def main():
     ap.add_argument("--warmup-epochs", type=float, default=10.0)
     ap.add_argument("--momentum", type=float, default=0.99)
     ap.add_argument("--local-crops", type=int, default=0, help="0: a short CPU run learns faster without them")
+    ap.add_argument("--no-bn-in-head", action="store_true", help="DINO's ViT default head, without batch norm")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"# {args.arch}/{args.patch} depth {args.depth}, out_dim {args.out_dim}, batch {args.batch_size}, "
           f"lr {args.lr} (warm-up {args.warmup_epochs} epochs), teacher momentum {args.momentum}, "
-          f"2 global + {args.local_crops} local crops; "
+          f"2 global + {args.local_crops} local crops, batch norm in head: {not args.no_bn_in_head}; "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'data':<6} {'k':>3} {'random-init F1':<16} {'pretrained F1':<16} pretraining")
     for name in args.data.split(","):

@@ -1,5 +1,7 @@
 """`protloc pretrain`: DINO self-supervised pretraining on a folder of TIFFs."""
 
+import contextlib
+import signal
 import sys
 import time
 
@@ -26,6 +28,26 @@ def _pair(_ctx, param, value):
     return lo, hi
 
 
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    """SIGINT / SIGTERM ask the trainer to stop after its current step, with a checkpoint; a second
+    one interrupts at once. Yields the list of signals received."""
+    received = []
+
+    def handler(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum))
+        trainer.request_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 @click.command("pretrain")
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, metavar="CKPT", help="The checkpoint to write (and to --resume from).")
@@ -46,6 +68,8 @@ def _pair(_ctx, param, value):
 @click.option("--weight-decay-end", type=click.FloatRange(min=0), default=0.4, help="Weight decay at the end.")
 @click.option("--clip-grad", type=click.FloatRange(min=0, min_open=True), default=3.0, help="Per-parameter gradient norm clip.")
 @click.option("--freeze-last-layer", type=click.FloatRange(min=0), default=1.0, help="Epochs with the head's last layer frozen.")
+@click.option("--use-bn-in-head", is_flag=True,
+              help="Batch norm in the DINO head's hidden layers (DINO's --use_bn_in_head): short runs on small data learn much sooner.")
 @click.option("--momentum-teacher", type=click.FloatRange(0, 1), default=0.996, help="Teacher EMA momentum (cosine to 1).")
 @click.option("--teacher-temp", type=click.FloatRange(min=0, min_open=True), default=0.04,
               help="Teacher temperature after warm-up (DINO's recipe for longer runs: 0.07).")
@@ -73,7 +97,7 @@ def _pair(_ctx, param, value):
 @click.pass_context
 def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, arch, patch, layout, depth, out_dim, drop_path,
                      batch_size, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, clip_grad,
-                     freeze_last_layer, momentum_teacher, teacher_temp, warmup_teacher_temp,
+                     freeze_last_layer, use_bn_in_head, momentum_teacher, teacher_temp, warmup_teacher_temp,
                      warmup_teacher_temp_epochs, global_size, local_size, local_crops, global_scale, local_scale,
                      channel_dropout, normalize, no_pack, checkpoint_every, log_path, workers, on_error, seed, force,
                      channels, channel_suffixes, z, axes, max_pixels, device, quiet):
@@ -104,7 +128,8 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
                              drop_path=drop_path, out_dim=out_dim, batch_size=batch_size, steps=steps, epochs=epochs,
                              lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
                              weight_decay_end=weight_decay_end, clip_grad=clip_grad,
-                             freeze_last_layer=freeze_last_layer, momentum_teacher=momentum_teacher,
+                             freeze_last_layer=freeze_last_layer, use_bn_in_head=use_bn_in_head,
+                             momentum_teacher=momentum_teacher,
                              warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
                              warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, crops=crops,
                              pack=not no_pack, seed=seed)
@@ -117,8 +142,13 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
         start, t0 = trainer.step, time.perf_counter()
         bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr,
                    disable=not (world.is_main and show_progress(ctx)))
-        with bar:
+        with bar, stop_on_signals(trainer) as received:
             trainer.run(stop_at=stop_at, on_step=lambda m: (bar.set_postfix(loss=f"{m['loss']:.4f}"), bar.update(1)))
+        if received:
+            if world.is_main:
+                click.echo(f"protloc: stopped by {received[0].name} after step {trainer.step}; checkpoint {output} "
+                           f"(continue with --resume)", err=True)
+            ctx.exit(128 + received[0].value)
         if world.is_main and not quiet:
             done = trainer.step - start
             elapsed = time.perf_counter() - t0

@@ -1,20 +1,27 @@
 """protloc.kernels: the hot path, and the one place that picks its backend.
 
 `PROTLOC_BACKEND=auto|triton|torch` (default auto). `auto` runs a Triton kernel when its inputs
-are on CUDA (or TRITON_INTERPRET=1 is set) and a Triton kernel exists for the op, the torch
-reference otherwise. The torch references are the spec; every Triton kernel is tested against
-its reference.
+are on CUDA and a Triton kernel exists for the op, the torch reference otherwise; `triton` forces
+the kernels (on CPU tensors that takes TRITON_INTERPRET=1, which is how the tests run them). The torch references (kernels/reference.py) are the spec; every Triton
+kernel (kernels/<op>.py) is tested against its reference. Where Triton is not installed (it
+ships for Linux x86-64), the references serve alone.
 """
 
+import importlib
 import os
 
-from protloc.kernels.attention import attention_torch
-from protloc.kernels.patch_embed import patch_embed_torch
+from protloc.kernels.reference import attention_torch, patch_embed_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-# op name -> Triton implementation; filled in as kernels land (see kernels/*.py).
+# op name -> Triton implementation, for the kernels this install can run
 TRITON_OPS = {}
+for _op in ("patch_embed", "attention"):
+    try:
+        TRITON_OPS[_op] = getattr(importlib.import_module(f"protloc.kernels.{_op}"), f"{_op}_triton")
+    except ModuleNotFoundError as e:
+        if e.name != "triton":
+            raise
 
 
 def backend(op, tensor):
@@ -26,22 +33,25 @@ def backend(op, tensor):
         return "torch"
     if choice == "triton":
         if op not in TRITON_OPS:
-            raise RuntimeError(f"PROTLOC_BACKEND=triton: this build has no Triton kernel for {op}")
+            raise RuntimeError(f"PROTLOC_BACKEND=triton: this install has no Triton kernel for {op} (is triton installed?)")
         return "triton"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return "triton" if op in TRITON_OPS and (tensor.is_cuda or interpreted) else "torch"
+    return "triton" if op in TRITON_OPS and tensor.is_cuda else "torch"
 
 
 def patch_embed(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed=None):
-    """Pixels (B, C, H, W) -> tokens (B, 1 + T, D); see kernels/patch_embed.py for shapes."""
+    """Pixels (B, C, H, W) -> tokens (B, 1 + T, D); shapes in kernels/reference.py."""
     fn = TRITON_OPS["patch_embed"] if backend("patch_embed", pixels) == "triton" else patch_embed_torch
     return fn(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed)
 
 
 def attention(q, k, v, cu_seqlens, max_seqlen):
-    """Packed varlen attention, (total, H, Dh) -> (total, H, Dh); see kernels/attention.py."""
-    fn = TRITON_OPS["attention"] if backend("attention", q) == "triton" else attention_torch
+    """Packed varlen attention, (total, H, Dh) -> (total, H, Dh); shapes in kernels/reference.py.
+
+    The Triton kernel takes head dims 32, 64 and 128 (every protloc architecture has 64); others
+    run on the torch path."""
+    use_triton = backend("attention", q) == "triton" and q.shape[-1] in (32, 64, 128)
+    fn = TRITON_OPS["attention"] if use_triton else attention_torch
     return fn(q, k, v, cu_seqlens, max_seqlen)
 
 
-__all__ = ["BACKENDS", "attention", "attention_torch", "backend", "patch_embed", "patch_embed_torch"]
+__all__ = ["BACKENDS", "TRITON_OPS", "attention", "attention_torch", "backend", "patch_embed", "patch_embed_torch"]

@@ -36,13 +36,20 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """3-layer MLP -> L2-normalized bottleneck -> weight-normalized linear to out_dim logits."""
+    """3-layer MLP -> L2-normalized bottleneck -> weight-normalized linear to out_dim logits.
 
-    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+    `use_bn` puts batch norm after the two hidden layers (DINO's --use_bn_in_head). It makes the
+    head see how the images of a batch differ from each other from the first step, which a
+    short run needs: a random backbone gives nearly the same CLS vector for every image, the
+    centered teacher output is then uniform, and without batch norm the loss sits at
+    log(out_dim) for hundreds of steps before learning starts."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
+        layers = []  # as in DINO, so parameter names match its checkpoints: mlp.0, mlp.2 (mlp.3 with bn), ...
+        for d in (in_dim, hidden_dim):
+            layers += [nn.Linear(d, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

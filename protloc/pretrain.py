@@ -50,6 +50,7 @@ class PretrainConfig:
     drop_path: float = 0.1
     out_dim: int = 65536
     norm_last_layer: bool = True
+    use_bn_in_head: bool = False  # DINO's default for ViTs; short runs on small data want it (see DINOHead)
     batch_size: int = 64  # per process
     steps: int | None = None  # length: steps, or epochs over the data
     epochs: int | None = None
@@ -145,9 +146,9 @@ def build_models(cfg: PretrainConfig, channels: list[str]) -> tuple[DINOModel, D
     vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
                     normalize=cfg.normalize, drop_path=cfg.drop_path)
     torch.manual_seed(cfg.seed)
-    student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer))
-    teacher = DINOModel(VisionTransformer(dataclasses.replace(vit, drop_path=0.0)),
-                        DINOHead(vit.dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer))
+    head = dict(out_dim=cfg.out_dim, norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn_in_head)
+    student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, **head))
+    teacher = DINOModel(VisionTransformer(dataclasses.replace(vit, drop_path=0.0)), DINOHead(vit.dim, **head))
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
@@ -180,6 +181,11 @@ class Trainer:
                                         model_channels=tuple(channels) if cfg.layout == "fused" else None)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         self.student, self.teacher = build_models(cfg, channels)
+        if cfg.use_bn_in_head and world.size > 1 and world.device.type == "cuda":
+            # batch statistics over the whole batch, as DINO does; SyncBatchNorm runs on GPUs only,
+            # so CPU processes (gloo) each normalize by their own share of the batch
+            convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+            self.student, self.teacher = convert(self.student), convert(self.teacher)
         if init is not None and ckpt is None:
             backbone, _ = model_from_checkpoint(init)
             load_weights(self.student.backbone, backbone.state_dict(), init)
@@ -196,6 +202,7 @@ class Trainer:
             self.loss_fn.center.copy_(ckpt["center"])
             self.step = ckpt["step"]
         self.last_saved = self.step if ckpt is not None else None
+        self.stop_requested = False
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
                     if world.size > 1 else None)
@@ -278,8 +285,13 @@ class Trainer:
                             world_size=self.world.size, replica_checksums=sums)
         self.last_saved = self.step
 
+    def request_stop(self):
+        """Ask the run to stop after the current step, with a checkpoint (e.g. from a signal handler)."""
+        self.stop_requested = True
+
     def run(self, stop_at: int | None = None, on_step=None):
-        """Train to the end (or to step `stop_at`), checkpointing along the way and at the end."""
+        """Train to the end (or to step `stop_at`, or until request_stop), checkpointing along the
+        way and where it stops. Returns the step reached."""
         stop = min(self.schedules.total, stop_at) if stop_at is not None else self.schedules.total
         warned = False
         with open(self.log_path, "a") if self.log_path and self.world.is_main else contextlib.nullcontext() as log_file:
@@ -294,8 +306,12 @@ class Trainer:
                     warned = True
                 if on_step is not None:
                     on_step(metrics)
-                if self.step % self.checkpoint_every == 0 or self.step == stop:
+                # every rank stops at the same step, whichever of them got the signal
+                stopping = any(all_gather_float(self.world, float(self.stop_requested)))
+                if self.step % self.checkpoint_every == 0 or self.step == stop or stopping:
                     self.save()
+                if stopping:
+                    break
         return self.step
 
 

@@ -1,8 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the Triton mode of the whole session.
 
+Without a GPU, Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1) so that their
+tests run on the CPU. `@triton.jit` reads the variable when a kernel module is imported, so it is
+set here, before any test module imports protloc. The model still runs on the torch path:
+`PROTLOC_BACKEND=auto` picks Triton for CUDA tensors only, and kernel tests ask for it by name.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -45,6 +45,17 @@ def test_head_shapes_names_and_weight_norm():
     assert out.abs().max() <= 1 + 1e-5
 
 
+def test_head_batch_norm_separates_nearly_identical_inputs():
+    """What --use-bn-in-head is for: inputs that differ by 1e-3 give different logits with it."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16) + 1e-3 * torch.randn(8, 16)
+    plain = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8)
+    with_bn = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8, use_bn=True)
+    assert {"mlp.0.weight", "mlp.1.running_mean", "mlp.3.weight", "mlp.4.running_var", "mlp.6.weight"} <= set(with_bn.state_dict())
+    spread = lambda logits: (logits - logits.mean(0)).abs().max().item()  # noqa: E731
+    assert spread(plain(x)) < 1e-3 < 0.1 < spread(with_bn(x))
+
+
 def test_schedules():
     lr = cosine_schedule(1.0, 0.0, 100, warmup_steps=10)
     assert len(lr) == 100 and lr[0] == 0.0 and lr[10] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.0, abs=1e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protloc import kernels
-from protloc.kernels import attention_torch, patch_embed_torch
+from protloc.kernels.reference import attention_torch, patch_embed_torch
 
 
 def naive_patch_embed(pixels, scale, shift, weight, bias, pos, cls, channel_embed):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -40,10 +42,11 @@ def train(sources, out, stop_at=None, resume=False, **kw):
     return trainer
 
 
-def test_two_steps_and_resume_equal_four_steps(cells, tmp_path):
+@pytest.mark.parametrize("use_bn_in_head", [False, True])  # with batch norm: its running statistics resume too
+def test_two_steps_and_resume_equal_four_steps(cells, tmp_path, use_bn_in_head):
     sources = discover([str(cells)])
-    straight = train(sources, tmp_path / "a.pt")
-    train(sources, tmp_path / "b.pt", stop_at=2)
+    straight = train(sources, tmp_path / "a.pt", use_bn_in_head=use_bn_in_head)
+    train(sources, tmp_path / "b.pt", stop_at=2, use_bn_in_head=use_bn_in_head)
     assert load_checkpoint(tmp_path / "b.pt")["step"] == 2
     resumed = train(sources, tmp_path / "b.pt", resume=True)
     assert resumed.step == 4
@@ -145,3 +148,53 @@ def test_torchrun_two_gloo_processes_keep_identical_teachers(cells, tmp_path):
     assert ckpt_data["world_size"] == 2 and ckpt_data["step"] == 2
     sums = ckpt_data["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def start_pretrain(cells, tmp_path, name, *flags):
+    """A CPU pretraining run in its own process, logging each step to NAME.jsonl."""
+    cmd = [sys.executable, "-m", "protloc", "pretrain", str(cells), "-o", str(tmp_path / f"{name}.pt"),
+           "--log", str(tmp_path / f"{name}.jsonl"), "--device", "cpu", *TINY_FLAGS, *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_steps(proc, log_path, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before step {n}: {proc.stderr.read()[-2000:]}"
+        if log_path.exists() and len(log_path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no step {n} within {timeout} s")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(cells, tmp_path):
+    """Killed at a random moment: the last checkpoint is whole, and resuming from it finishes the
+    run exactly as if nothing had happened."""
+    flags = ["--steps", "12", "--checkpoint-every", "3", "--seed", "3"]
+    proc = start_pretrain(cells, tmp_path, "killed", *flags)
+    wait_for_steps(proc, tmp_path / "killed.jsonl", 4)
+    proc.kill()
+    proc.wait()
+    survived = load_checkpoint(tmp_path / "killed.pt")  # whole, not half-written
+    assert survived["step"] in (3, 6, 9)
+    assert run_cli(["pretrain", str(cells), "-o", str(tmp_path / "killed.pt"), "--resume", "--device", "cpu",
+                    "--workers", "0"]).exit_code == 0
+    straight = start_pretrain(cells, tmp_path, "straight", *flags)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "killed.pt")
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_a_checkpoint_and_exit_cleanly(cells, tmp_path, sig):
+    proc = start_pretrain(cells, tmp_path, "run", "--steps", "1000", "--checkpoint-every", "1000")
+    wait_for_steps(proc, tmp_path / "run.jsonl", 2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert f"stopped by {sig.name}" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    steps_logged = len((tmp_path / "run.jsonl").read_text().splitlines())
+    assert load_checkpoint(tmp_path / "run.pt")["step"] == steps_logged < 1000

@@ -1,0 +1,122 @@
+"""The fused Triton patch embedding against its torch reference, forward and backward.
+
+Without a GPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on
+tiny shapes in float32; `-m gpu` runs the compiled kernel at model shapes in every GEMM dtype.
+"""
+
+import os
+
+import pytest
+import torch
+
+from protloc.kernels.reference import patch_embed_torch
+
+triton_kernel = pytest.importorskip("protloc.kernels.patch_embed")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="interpreter tests (TRITON_INTERPRET=1) run on the CPU")
+
+
+def make_inputs(B, C, H, W, p, D, layout, pixel_dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hi = 255 if pixel_dtype == torch.uint8 else 4095
+    pixels = torch.randint(0, hi + 1, (B, C, H, W), generator=g).to(pixel_dtype)
+    scale = (torch.rand(B, C, generator=g) + 0.5) / hi
+    shift = torch.randn(B, C, generator=g)
+    params = dict(
+        weight=torch.randn(D, C if layout == "fused" else 1, p, p, generator=g) * 0.05,
+        bias=torch.randn(D, generator=g),
+        pos_embed=torch.randn(1 + (H // p) * (W // p), D, generator=g),
+        cls_token=torch.randn(D, generator=g),
+        channel_embed=torch.randn(C, D, generator=g) if layout == "channel" else None,
+    )
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    params = {k: move(v) for k, v in params.items()}
+    for t in params.values():
+        if t is not None:
+            t.requires_grad_(True)
+    return move(pixels), move(scale), move(shift), params
+
+
+def forward_backward(fn, pixels, scale, shift, params, grad_seed=1):
+    out = fn(pixels, scale, shift, **params)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
+    names = [k for k, v in params.items() if v is not None and v.requires_grad]
+    grads = torch.autograd.grad(out, [params[k] for k in names], grad)
+    return out, dict(zip(names, grads))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["fused", "channel"])
+@pytest.mark.parametrize("B,C,H,W,p,D,pixel_dtype", [
+    (1, 1, 16, 16, 8, 16, torch.float32),
+    (2, 2, 37, 29, 8, 24, torch.uint16),    # trailing pixels past the last whole patch are ignored
+    (1, 3, 16, 40, 8, 40, torch.uint8),
+    (1, 4, 24, 8, 8, 17, torch.float16),    # D not a multiple of the block
+    (1, 5, 33, 17, 16, 24, torch.uint16),   # one 16 x 16 patch per channel: 1 + 5 tokens
+    (3, 2, 48, 32, 16, 32, torch.bfloat16),
+])
+def test_interpreted_kernel_matches_reference(layout, B, C, H, W, p, D, pixel_dtype):
+    pixels, scale, shift, params = make_inputs(B, C, H, W, p, D, layout, pixel_dtype, seed=C * 10 + p)
+    want, want_grads = forward_backward(patch_embed_torch, pixels, scale, shift, params)
+    got, got_grads = forward_backward(triton_kernel.patch_embed_triton, pixels, scale, shift, params)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=2e-4, rtol=1e-4, msg=name)
+
+
+@needs_interpreter
+def test_interpreted_kernel_takes_strided_pixels_and_skips_unneeded_grads():
+    pixels = make_inputs(1, 4, 16, 24, 8, 16, "fused", torch.uint16)[0]
+    view = pixels[:, 1:3, :, 8:]  # non-contiguous (1, 2, 16, 16)
+    _, scale, shift, params = make_inputs(1, 2, 16, 16, 8, 16, "fused", torch.uint16)
+    params["bias"].requires_grad_(False)
+    want, want_grads = forward_backward(patch_embed_torch, view, scale, shift, params)
+    got, got_grads = forward_backward(triton_kernel.patch_embed_triton, view, scale, shift, params)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_grads["weight"], want_grads["weight"], atol=2e-4, rtol=1e-4)
+
+
+@needs_interpreter
+def test_model_tokens_through_the_dispatcher(monkeypatch):
+    from protloc.model import ViTConfig, VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, layout="channel", depth=1, img_size=32))
+    pixels = torch.randint(0, 4096, (2, 2, 24, 16), dtype=torch.int32).to(torch.uint16)
+    scale, shift = torch.full((2, 2), 1 / 4096), torch.zeros(2, 2)
+    outs = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("PROTLOC_BACKEND", name)
+        model.zero_grad()
+        tokens = model.tokens(pixels, scale, shift, ["nucleus", "protein"])
+        tokens.square().sum().backward()
+        outs[name] = tokens.detach(), model.patch_embed.proj.weight.grad.clone(), model.channel_embed.grad.clone()
+    for got, want in zip(outs["triton"], outs["torch"]):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+# On a GPU: the compiled kernel at model shapes. Tolerances relative to the reference's scale;
+# the 16-bit GEMMs round their inputs, so their errors grow with K = C * p * p.
+GPU_TOLERANCES = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout,C,p,size", [
+    ("fused", 2, 16, 224), ("fused", 4, 8, 224), ("channel", 2, 16, 224), ("channel", 4, 8, 96), ("fused", 3, 16, 97),
+])
+def test_compiled_kernel_matches_reference(dtype, layout, C, p, size):
+    B, D = 8, 384
+    pixels, scale, shift, params = make_inputs(B, C, size, size, p, D, layout, torch.uint16, device="cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        want, want_grads = forward_backward(patch_embed_torch, pixels, scale, shift, params)
+        got, got_grads = forward_backward(triton_kernel.patch_embed_triton, pixels, scale, shift, params)
+    tol = GPU_TOLERANCES[dtype]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+    for name in want_grads:
+        scale_ = want_grads[name].abs().max().item()
+        torch.testing.assert_close(got_grads[name].float(), want_grads[name].float(), atol=tol * scale_, rtol=tol, msg=name)
