@@ -20,6 +20,8 @@ COMMANDS = {
     "pretrain": "protloc.cli.pretrain:pretrain_command",
     "embed": "protloc.cli.embed:embed_command",
     "knn": "protloc.cli.knn:knn_command",
+    "finetune": "protloc.cli.finetune:finetune_command",
+    "predict": "protloc.cli.predict:predict_command",
 }
 
 

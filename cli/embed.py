@@ -9,10 +9,11 @@ import click
 from tqdm import tqdm
 
 from protloc import __version__
-from protloc.cli.options import architecture_options, common, data_options, device_option, show_progress
-from protloc.data import NORMALIZATIONS, ViewOptions
+from protloc.cli.options import (architecture_options, check_tiles, common, data_options, device_option, show_progress,
+                                 view_options)
+from protloc.data import ViewOptions
 from protloc.device import resolve_device
-from protloc.embed import POOLINGS, EmbedStats, embed, load_backbone
+from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
 from protloc.embeddings import RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
@@ -34,39 +35,36 @@ def _check_output(output: str) -> None:
 @click.option("--weights", required=True, metavar="CKPT|random",
               help="A protloc checkpoint, or 'random' for a random-init baseline built from --arch/--patch/--layout.")
 @architecture_options("a random backbone")
-@click.option("--size", type=click.IntRange(min=8), default=None,
-              help="Resize each image to SIZE x SIZE first. Default: native size (images of one size batch together).")
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
-              help="image: per-image per-channel mean 0 / std 1 (DINO4Cells); percentile: 1-99.8% to 0-1; "
-                   "imagenet: percentile then ImageNet mean/std; none: raw values. Default: the model's "
-                   "(recorded in its checkpoint; image for a random backbone).")
-@click.option("--pool", type=click.Choice(POOLINGS), default="cls", help="The CLS token, or the mean of the patch tokens.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per forward pass.")
+@view_options()
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images (tiles with --tile) per forward pass.")
 @click.option("--seed", type=int, default=0, help="Seed of a random backbone.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @data_options
 @device_option
 @common
 @click.pass_context
-def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, batch_size,
-                  workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels, device, quiet):
-    """Embed images: one vector per image, rows in input order.
+def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, tile, stride,
+                  aggregate, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels,
+                  device, quiet):
+    """Embed images: one vector per image (or per tile), rows in input order.
 
     DATA: TIFF files, directories (searched recursively, sorted) and - (paths on stdin, one per line).
 
     \b
     protloc embed images/ --weights random --arch vit_tiny --patch 8 --size 64 > emb.npy
     find plate1 -name '*.tif' | protloc embed - --weights model.pt -o emb.npz
+    protloc embed fields/ --weights model.pt --tile 256 --aggregate mean -o emb.npz
     """
     _check_output(output)
+    check_tiles(tile, stride, aggregate)
     if output == "-" and sys.stdout.isatty():
         raise ProtlocError("refusing to write binary .npy to a terminal: redirect stdout or use -o FILE")
     for path in ([output] if output != "-" else []) + ([ids_path] if ids_path else []):
         check_destination(path, force)
 
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
-    opts = ViewOptions(size=size, normalize=normalize or "image", channels=tuple(channels) if channels else None,
-                       z=z, axes=axes, max_pixels=max_pixels)
+    opts = ViewOptions(size=size, tile=tile, stride=stride, normalize=normalize or "image",
+                       channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed)
     opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
@@ -78,7 +76,8 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     ids: list[str] = []
     with tqdm(total=len(sources), unit="img", disable=not show_progress(ctx), file=sys.stderr) as bar:
         for batch_ids, vectors in embed(model, sources, opts, pool=pool, batch_size=batch_size, device=device,
-                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update):
+                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update,
+                                        aggregate=aggregate):
             writer.append(vectors)
             ids.extend(batch_ids)
     if writer.rows == 0:
@@ -86,7 +85,10 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
 
     meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": opts.normalize,
             "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
-            "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped]}
+            "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped],
+            "tile": tile, "stride": stride or tile, "aggregate": aggregate}
+    if tile and not aggregate:  # rows are tiles: where each lies in its image
+        meta["tile_origins"] = [list(origin) for origin in stats.origins]
     write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)
     writer.close()
     if ids_path:
@@ -94,6 +96,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
 
     if not quiet:
         elapsed = time.perf_counter() - start
-        click.echo(f"protloc: embedded {writer.rows} image(s) -> ({writer.rows}, {model.dim}) in {elapsed:.1f} s "
-                   f"({writer.rows / elapsed:.1f} img/s, {stats.data_wait_s / elapsed:.0%} waiting for data)"
+        tiles = f" as {stats.tiles} tile(s)" if tile else ""
+        click.echo(f"protloc: embedded {stats.images} image(s){tiles} -> ({writer.rows}, {model.dim}) in {elapsed:.1f} s "
+                   f"({stats.images / elapsed:.1f} img/s, {stats.data_wait_s / elapsed:.0%} waiting for data)"
                    + (f"; skipped {len(stats.skipped)}" if stats.skipped else ""), err=True)

@@ -7,8 +7,11 @@ import sys
 import click
 
 from protloc.channels import parse_names
+from protloc.data import NORMALIZATIONS
+from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
 from protloc.model import ARCHS, LAYOUTS
+from protloc.tiles import AGGREGATIONS
 from protloc.tiff import DEFAULT_MAX_PIXELS, Z_PROJECTIONS
 
 
@@ -66,6 +69,42 @@ def data_options(f):
                      help="Comma-separated channel names: name the channels in file order, or select and "
                           "reorder channels of files that store names (OME). Default: as stored.")(f)
     return f
+
+
+def view_options(inherit: str | None = None, size_help: str = "native size (images of one size batch together)"):
+    """--size, --normalize, --pool, --tile, --stride, --aggregate: how each image becomes model
+    inputs. With `inherit` (e.g. "the MODEL"), every default is the value recorded there."""
+    def default(own, text):
+        return (None, f"Default: as recorded in {inherit}.") if inherit else (own, text)
+
+    def decorate(f):
+        value, text = default(None, "")
+        f = click.option("--aggregate", type=click.Choice(AGGREGATIONS), default=value,
+                         help="With --tile: one row per image, the mean of its tile vectors. " + text)(f)
+        f = click.option("--stride", type=click.IntRange(min=1), default=value, metavar="S",
+                         help="Step between tiles. " + (text or "Default: the tile size (no overlap)."))(f)
+        value, text = default(None, "Default: whole images.")
+        f = click.option("--tile", type=click.IntRange(min=0 if inherit else 1), default=value, metavar="T",
+                         help="Cut each image into T x T tiles (rows path#tile=K, row by row; a last row/column "
+                              "flush with the border covers the rest); --size then resizes each tile. "
+                              + ("0: whole images. " if inherit else "") + text)(f)
+        value, text = default("cls", "")
+        f = click.option("--pool", type=click.Choice(POOLINGS), default=value,
+                         help="The CLS token, or the mean of the patch tokens. " + text)(f)
+        f = click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
+                         help="image: per-image per-channel mean 0 / std 1 (DINO4Cells); percentile: 1-99.8% to 0-1; "
+                              "imagenet: percentile then ImageNet mean/std; none: raw values. Default: "
+                              + (f"as recorded in {inherit}." if inherit else
+                                 "the model's (recorded in its checkpoint; image for a random backbone)."))(f)
+        value, text = default(None, f"Default: {size_help}.")
+        return click.option("--size", type=click.IntRange(min=8), default=value,
+                            help="Resize each image (each tile with --tile) to SIZE x SIZE. " + text)(f)
+    return decorate
+
+
+def check_tiles(tile, stride, aggregate) -> None:
+    if not tile and (stride is not None or aggregate is not None):
+        raise click.UsageError("--stride and --aggregate go with --tile")
 
 
 def architecture_options(of: str):

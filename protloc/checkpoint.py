@@ -73,6 +73,8 @@ def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
 def model_from_checkpoint(path) -> tuple[VisionTransformer, dict]:
     """The backbone stored in a checkpoint (the teacher's, for a pretraining run) and the checkpoint."""
     ckpt = load_checkpoint(path)
+    if "model" not in ckpt:  # e.g. a classification head trained on an embeddings file
+        raise ProtlocError(f"{path}: holds no backbone weights")
     try:
         config = ViTConfig.from_dict(ckpt["config"])
     except (KeyError, TypeError) as e:

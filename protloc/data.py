@@ -3,7 +3,8 @@
 The pipeline for one image (runs in loader worker processes, one image in memory each):
 
     read (tiff.py) -> select/name channels -> per-channel normalization statistics
-                   -> view: resize to --size (or native size) -> Item
+                   -> views: the image, or its --tile tiles (tiles.py); each resized to --size
+                      (or kept at native size) -> Items
 
 Normalization is expressed as a per-(image, channel) affine map `x * scale + shift`, computed
 on the full-resolution image and applied by the patch-embedding kernel, so raw uint8/uint16
@@ -14,6 +15,7 @@ grouped into batches in input order.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,7 @@ from protloc.channels import select_channels
 from protloc.errors import ProtlocError
 from protloc.sources import Source, read_source
 from protloc.tiff import DEFAULT_MAX_PIXELS
+from protloc.tiles import tile_id, tile_origins
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,9 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ViewOptions:
     """How each image becomes a model input."""
-    size: int | None = None  # resize to size x size; None keeps the native size
+    size: int | None = None  # resize each view to size x size; None keeps the native size
+    tile: int | None = None  # cut each image into tile x tile tiles (tiles.py); None: the whole image
+    stride: int | None = None  # step between tiles; None: the tile size
     normalize: str = "image"
     channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
     z: str = "max"
@@ -93,6 +98,13 @@ class Item:
     shift: np.ndarray | None = None  # (C,)
     channel_names: tuple[str, ...] = ()
     error: str | None = None  # set instead of pixels when the image could not be used
+    tile: int | None = None  # K of a tile view (its id ends in #tile=K); None for a whole image
+    origin: tuple[int, int] | None = None  # (y, x) of a tile's top-left corner in its image
+
+    @property
+    def first_view(self) -> bool:
+        """The image's whole view or its first tile: counts the image once."""
+        return self.tile is None or self.tile == 0
 
 
 def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
@@ -118,11 +130,30 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
         if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
             raise ProtlocError(f"{source.id}: contains NaN or infinite pixel values")
         scale, shift = normalization(pixels, opts.normalize)
-        if opts.size is not None:
+        if opts.size is not None and opts.tile is None:  # tiles are resized one by one (views)
             pixels = resize(pixels, opts.size)
         return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names))
     except ProtlocError as e:
         return Item(index, source.id, error=str(e))
+
+
+def views(item: Item, opts: ViewOptions) -> list[Item]:
+    """The model inputs of one loaded image: itself, or its tiles (each with the whole image's
+    normalization, resized to opts.size when given). A failed item passes through."""
+    if opts.tile is None or item.error is not None:
+        return [item]
+    _, height, width = item.pixels.shape
+    origins = tile_origins(height, width, opts.tile, opts.stride)
+    if not origins:
+        return [Item(item.index, item.id, error=f"{item.id}: image of {height}x{width} pixels is smaller "
+                                                f"than one {opts.tile}x{opts.tile} tile (--tile)")]
+    out = []
+    for k, (y, x) in enumerate(origins):
+        pixels = item.pixels[:, y:y + opts.tile, x:x + opts.tile]
+        pixels = resize(pixels, opts.size) if opts.size is not None else pixels
+        out.append(Item(item.index, tile_id(item.id, k), np.ascontiguousarray(pixels), item.scale, item.shift,
+                        item.channel_names, tile=k, origin=(y, x)))
+    return out
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -139,6 +170,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return load_item(index, self.sources[index], self.opts)
 
 
+class ViewDataset(ImageDataset):
+    """The views (whole image or tiles) of each image, cut in the worker that decoded it."""
+
+    def __getitem__(self, index):
+        return views(super().__getitem__(index), self.opts)
+
+
 @dataclass
 class Batch:
     ids: list[str]
@@ -146,13 +184,16 @@ class Batch:
     scale: torch.Tensor  # (B, C) float32
     shift: torch.Tensor  # (B, C) float32
     channel_names: tuple[str, ...]
+    origins: list[tuple[int, int] | None]  # per row: a tile's (y, x), None for a whole image
+    images: int  # images whose first view is in this batch (progress counts images, not tiles)
 
 
 def _collate(items: list[Item]) -> Batch:
     pixels = np.stack([it.pixels for it in items])
     return Batch([it.id for it in items], torch.from_numpy(pixels),
                  torch.from_numpy(np.stack([it.scale for it in items])),
-                 torch.from_numpy(np.stack([it.shift for it in items])), items[0].channel_names)
+                 torch.from_numpy(np.stack([it.shift for it in items])), items[0].channel_names,
+                 [it.origin for it in items], sum(it.first_view for it in items))
 
 
 def usable(item: Item, on_error: str, skipped: list | None = None) -> bool:
@@ -186,17 +227,21 @@ def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None
 
 
 def loader(sources: list[Source], opts: ViewOptions, workers: int):
-    """Items in input order, decoded by `workers` processes (0: in this process) ahead of use."""
-    dataset = ImageDataset(sources, opts)
+    """Items (views: whole images or tiles) in input order, decoded by `workers` processes
+    (0: in this process) ahead of use."""
+    dataset = ViewDataset(sources, opts)
     if workers == 0:
-        return (dataset[i] for i in range(len(dataset)))
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                            prefetch_factor=4, persistent_workers=False,
-                                            worker_init_fn=worker_init))
+        return (item for i in range(len(dataset)) for item in dataset[i])
+    per_image = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            persistent_workers=False, worker_init_fn=worker_init)
+    return (item for items in per_image for item in items)
 
 
 def worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
+    # Ctrl-C reaches the whole process group: the main process decides how to stop (a training
+    # run saves a checkpoint first), so a worker must not die of it mid-batch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def probe_channels(sources: list[Source], opts: ViewOptions) -> list[str]:

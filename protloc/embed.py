@@ -1,7 +1,9 @@
 """Images -> embedding vectors with a ViT backbone, streamed batch by batch in input order.
 
 Decoding runs in loader worker processes while the model computes, so the model does not wait
-on TIFF decoding when it need not; `EmbedStats` records how long it did wait.
+on TIFF decoding when it need not; `EmbedStats` records how long it did wait. With tiles
+(ViewOptions.tile) a row is a tile, `path#tile=K`, unless `aggregate="mean"` averages each
+image's tile vectors into one row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from protloc.checkpoint import file_sha256, model_from_checkpoint
 from protloc.data import ViewOptions, batches, loader, probe_channels
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.sources import Source
+from protloc.tiles import AGGREGATIONS, mean_over_tiles
 
 POOLINGS = ("cls", "mean")
 
@@ -25,6 +28,8 @@ POOLINGS = ("cls", "mean")
 @dataclass
 class EmbedStats:
     images: int = 0
+    tiles: int = 0  # tile views embedded (0 without tiling)
+    origins: list[tuple[int, int]] = field(default_factory=list)  # (y, x) of each tile row yielded, in order
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_wait_s: float = 0.0  # time the model sat waiting for the next decoded batch
     compute_s: float = 0.0
@@ -49,13 +54,22 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
 
 
 def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, pool="cls", batch_size=32,
-          device="cpu", workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None):
-    """Yield (ids, vectors (B, D) float32) for the sources, in input order.
+          device="cpu", workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None,
+          aggregate: str | None = None):
+    """Yield (ids, vectors (B, D) float32) for the sources, in input order: one row per image, or
+    per tile with opts.tile (aggregate="mean": one row per image, the mean of its tile vectors).
 
     `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch."""
     if pool not in POOLINGS:
         raise ValueError(f"unknown pooling {pool!r}")
+    if aggregate is not None and (aggregate not in AGGREGATIONS or opts.tile is None):
+        raise ValueError(f"aggregate {aggregate!r} needs tiles and one of {AGGREGATIONS}")
     stats = stats if stats is not None else EmbedStats()
+    rows = _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress)
+    return mean_over_tiles(rows) if aggregate == "mean" else rows
+
+
+def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress):
     config = model.config
     opts = dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
                                known_channels=tuple(config.vocab) if config.layout == "channel" else None)
@@ -77,9 +91,12 @@ def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *,
             scale, shift = batch.scale.to(device), batch.shift.to(device)
             vectors = model.embed(pixels, scale, shift, batch.channel_names, pool).float().cpu().numpy()
             stats.compute_s += time.perf_counter() - t1
-            stats.images += len(batch.ids)
+            stats.images += batch.images
+            if opts.tile is not None:
+                stats.tiles += len(batch.ids)
+                stats.origins.extend(batch.origins)
             if progress is not None:
-                progress(len(batch.ids) + len(stats.skipped) - skipped_seen)
+                progress(batch.images + len(stats.skipped) - skipped_seen)
                 skipped_seen = len(stats.skipped)
             yield batch.ids, vectors.astype(np.float32, copy=False)
     if progress is not None and len(stats.skipped) > skipped_seen:  # images skipped after the last batch

@@ -1,0 +1,218 @@
+"""`protloc finetune`: a localization classifier from labelled images or embeddings, cross-validated."""
+
+import dataclasses
+import json
+import sys
+import time
+
+import click
+from tqdm import tqdm
+
+from protloc import __version__
+from protloc.classifier import VIEW_KEYS, backbone_reference, save_classifier
+from protloc.cli.options import (architecture_options, check_tiles, common, data_options, device_option, show_progress,
+                                 view_options)
+from protloc.crossval import check_classes, cross_validate, final_split, format_table, plan, summarize
+from protloc.data import ViewOptions
+from protloc.device import resolve_device
+from protloc.embed import load_backbone
+from protloc.embeddings import read_embeddings
+from protloc.errors import ProtlocError
+from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
+from protloc.head import BALANCES, HEADS
+from protloc.labels import match_rows, read_labels
+from protloc.output import atomic_path, check_destination
+from protloc.sources import discover
+
+
+def _is_embeddings(inputs) -> bool:
+    return len(inputs) == 1 and inputs[0].lower().endswith((".npy", ".npz"))
+
+
+@click.command("finetune")
+@click.argument("inputs", metavar="DATA...|EMB", nargs=-1, required=True)
+@click.option("--labels", "labels_path", required=True, metavar="CSV",
+              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
+@click.option("-o", "--output", metavar="MODEL", default=None,
+              help="Write the classifier fitted on all labelled rows after the cross-validation (with its own "
+                   "validation split). Without -o only the cross-validation runs.")
+@click.option("--freeze", is_flag=True,
+              help="Train a head on frozen embeddings (the study's frozen-backbone protocol); implied by an EMB "
+                   "input. Default: fine-tune backbone and head together from images.")
+@click.option("--weights", metavar="CKPT|random", default=None,
+              help="Images: the backbone (a protloc checkpoint or MODEL, or 'random' from --arch/--patch/--layout/"
+                   "--depth). Not for an EMB input.")
+@architecture_options("a random backbone")
+@click.option("--head", "head_kind", type=click.Choice(HEADS), default="linear",
+              help="linear: D -> classes; mlp: D -> 512 -> 256 -> classes (ReLU, dropout 0.5).")
+@click.option("--folds", type=click.IntRange(min=0), default=5,
+              help="Cross-validation folds, stratified, grouped by the group column when present "
+                   "(0: no cross-validation, only fit MODEL).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1,
+              help="Repeat the cross-validation with seeds --seed, --seed+1, ...: macro F1 is mean ± std over "
+                   "folds x seeds.")
+@click.option("--seed", type=int, default=0,
+              help="First seed: folds, fraction, validation split, initialization, data order, augmentation, "
+                   "and a random backbone.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              help="Train on this stratified fraction of each training split, at least one image per class "
+                   "(the data-scaling experiment; MODEL too).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1,
+              help="Part of each training split held out for early stopping (stratified; grouped when there are "
+                   "enough groups); 0: no early stopping.")
+@click.option("--balance", type=click.Choice(BALANCES), default="weight",
+              help="Class balance for macro F1: weight the loss by inverse class frequency, sample rows "
+                   "class-balanced, or none.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs per fit (early stopping may end it sooner). Default: 100 with --freeze, 30 fine-tuning.")
+@click.option("--patience", type=click.IntRange(min=1), default=20,
+              help="Early stopping: epochs without a better validation macro F1 (ties: lower loss); the best "
+                   "epoch's weights are kept.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="AdamW learning rate of the head.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, help="AdamW weight decay (weight matrices only).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per step. Default: 256 with --freeze, 32 images fine-tuning.")
+@click.option("--backbone-lr-scale", type=click.FloatRange(min=0), default=0.1,
+              help="Fine-tuning: the backbone's learning rate is the head's times this.")
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              help="Fine-tuning: block i of L learns at layer_decay ** (L - i) times the backbone rate (1: off; "
+                   "0.65-0.75 is usual for ViTs).")
+@view_options(size_help="native with --freeze (as embed); 224 fine-tuning (crops and evaluation views)")
+@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB (as written by `protloc embed --ids`).")
+@click.option("--id-column", default=None, help="Labels column matched to the images / row ids. Default: path, else id.")
+@click.option("--label-column", default="label", help="Labels column holding the class(es).")
+@click.option("--group-column", default="group", help="Labels column holding groups (used when present).")
+@click.option("--json", "json_path", metavar="FILE",
+              help="Write the metrics as JSON: every fold and seed, mean ± std macro F1, per-class F1, confusion matrix.")
+@click.option("--force", is_flag=True, help="Overwrite existing MODEL / --json files.")
+@data_options
+@device_option
+@common
+@click.pass_context
+def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, patch, layout, depth, head_kind, folds,
+                     seeds, seed, fraction, val_fraction, balance, epochs, patience, lr, weight_decay, batch_size,
+                     backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, ids_path,
+                     id_column, label_column, group_column, json_path, force, channels, channel_suffixes, z, axes,
+                     max_pixels, workers, on_error, device, quiet):
+    """Train a localization classifier and cross-validate it: macro F1 mean ± std over folds x seeds.
+
+    DATA: TIFF files, directories and - (paths on stdin), with --weights; or EMB: one embeddings
+    file from `protloc embed` (.npz, or .npy with --ids), on which a head is trained (--freeze implied).
+    The table goes to stdout.
+
+    \b
+    protloc finetune emb.npz --labels labels.csv --head mlp --folds 5 --seeds 3 -o head.pt
+    protloc finetune cells/ --labels labels.csv --weights dino.pt --freeze --json cv.json
+    protloc finetune cells/ --labels labels.csv --weights dino.pt --size 224 -o model.pt
+    """
+    from_embeddings = _is_embeddings(inputs)
+    if folds == 1:
+        raise click.UsageError("--folds 1 is no cross-validation: give 0 (only fit MODEL) or at least 2")
+    if output is None and folds == 0:
+        raise click.UsageError("nothing to do: give -o MODEL, --folds 2 or more, or both")
+    check_tiles(tile, stride, aggregate)
+    if from_embeddings and (weights or tile or size or normalize):
+        raise click.UsageError("--weights, --size, --normalize and --tile go with images; an EMB file is embedded "
+                               "already")
+    if not from_embeddings and weights is None:
+        raise click.UsageError("images need a backbone: --weights CKPT|random (or give an EMB file)")
+    if ids_path and not from_embeddings:
+        raise click.UsageError("--ids goes with an .npy EMB input")
+    freeze = freeze or from_embeddings
+    cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30), patience=patience,
+                         lr=lr, weight_decay=weight_decay, batch_size=batch_size or (256 if freeze else 32),
+                         balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay,
+                         size=size or 224, pool=pool)
+    for path in (output, json_path):
+        if path:
+            check_destination(path, force)
+    labels = read_labels(labels_path, id_column=id_column, label_column=label_column, group_column=group_column)
+    device = resolve_device(device)
+    start = time.perf_counter()
+
+    backbone = None  # a frozen backbone to store in MODEL
+    if from_embeddings:
+        emb = read_embeddings(inputs[0], ids_path)
+        if emb.ids is None:
+            raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        matched = match_rows(emb.ids, labels, base_dir=emb.meta.get("cwd"),
+                             channel_suffixes=channel_suffixes or emb.meta.get("channel_suffixes"))
+        rows = labelled_rows(emb.ids, matched)
+        task = FrozenTask(emb.x[matched.rows], rows, cfg, device)
+        views, backbone_ref = {k: emb.meta.get(k) for k in VIEW_KEYS}, backbone_reference(emb.meta)
+        what = f"head on {emb.x.shape[1]}-d embeddings from {emb.source}"
+    else:
+        sources = discover(list(inputs), stdin=sys.stdin if "-" in inputs else None, channel_suffixes=channel_suffixes)
+        matched = match_rows([s.id for s in sources], labels, channel_suffixes=channel_suffixes)
+        images = labelled_rows([s.id for s in sources], matched)
+        sources = [sources[r] for r in matched.rows]
+        opts = ViewOptions(size=size if freeze else cfg.size, tile=tile, stride=stride, normalize=normalize or "image",
+                           channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
+        model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
+                                    seed=seed)
+        opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
+        if freeze:
+            with tqdm(total=len(sources), unit="img", desc="embedding", disable=not show_progress(ctx),
+                      file=sys.stderr) as bar:
+                ids, x = embed_all(model, sources, opts, pool=pool, aggregate=aggregate, batch_size=32, device=device,
+                                   workers=workers, on_error=on_error, progress=bar.update)
+            if not ids:
+                raise ProtlocError("no labelled image could be embedded")
+            rows, backbone = rows_of(images, ids), model
+            task = FrozenTask(x, rows, cfg, device)
+            what = f"head on frozen {meta['weights']} embeddings ({model.dim}-d)"
+        else:
+            ok = readable(model, sources, opts, workers, on_error)
+            if not ok:
+                raise ProtlocError("no labelled image could be read")
+            sources = [sources[i] for i in ok]
+            rows = rows_of(images, [s.id for s in sources])
+            task = FullTask(model, sources, rows, cfg, opts, device, workers)
+            what = f"fine-tuning {meta['weights']} ({model.config.arch}/{model.config.patch}) at {cfg.size} px"
+        views = {"size": opts.size, "normalize": opts.normalize, "pool": pool, "tile": tile, "stride": stride or tile,
+                 "aggregate": aggregate, "channels": list(channels) if channels else None,
+                 "channel_suffixes": channel_suffixes, "z": z}
+        backbone_ref = meta
+    if not quiet:
+        click.echo(f"protloc: {len(rows.ids)} labelled row(s), {len(rows.classes)} classes"
+                   f"{' (multi-label)' if rows.multilabel else ''}{', grouped' if rows.groups is not None else ''}; "
+                   f"{cfg.head} {what}", err=True)
+
+    splits = []
+    if folds:
+        check_classes(rows.y, rows.classes, folds, labels_path)
+        splits = plan(rows.y, rows.groups, rows.multilabel, folds, seeds, seed, fraction, val_fraction)
+    fits = len(splits) + (output is not None)
+    with tqdm(total=fits, unit="fit", disable=not show_progress(ctx), file=sys.stderr) as bar:
+        def on_epoch(epoch, f1):
+            bar.set_postfix(epoch=epoch, **({"val_f1": f"{f1:.3f}"} if f1 is not None else {}))
+
+        report = None
+        if splits:
+            runs, pooled = cross_validate(task, rows.y, rows.multilabel, splits, on_epoch, lambda _: bar.update(1))
+            report = summarize(runs, pooled, rows.y, rows.classes, rows.multilabel)
+        final = None
+        if output is not None:
+            split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, val_fraction)
+            fitted = task.fit(split.train, split.val, seed, on_epoch)
+            bar.update(1)
+            final = {"model": output, "n_train": len(split.train), "n_val": len(split.val),
+                     "best_epoch": fitted.best_epoch, "epochs": fitted.epochs}
+
+    settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
+                "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,
+                "grouped": rows.groups is not None, "folds": folds, "seeds": seeds, "seed": seed,
+                "fraction": fraction, "val_fraction": val_fraction, **cfg.to_dict()}
+    if output is not None:
+        cv = {k: report[k] for k in ("macro_f1", "accuracy")} if report else None
+        save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=views,
+                        backbone_ref=backbone_ref, finetune=settings, trained_on={"labels": labels_path,
+                        "rows": len(rows.ids)}, cv=cv, backbone=fitted.backbone or backbone)
+    if json_path:
+        with atomic_path(json_path) as tmp, open(tmp, "w") as f:
+            json.dump({"meta": settings, **(report or {}), "final": final}, f, indent=2)
+    if report:
+        click.echo(format_table(report, folds, seeds))
+    if not quiet:
+        done = f"; MODEL {output} (best epoch {final['best_epoch']} of {final['epochs']})" if final else ""
+        click.echo(f"protloc: {fits} fit(s) in {time.perf_counter() - start:.1f} s{done}", err=True)

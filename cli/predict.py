@@ -1,0 +1,136 @@
+"""`protloc predict`: localization predictions of a MODEL from `protloc finetune`, as TSV."""
+
+import contextlib
+import os
+import sys
+import time
+
+import click
+from click.core import ParameterSource
+from tqdm import tqdm
+
+from protloc.checkpoint import file_sha256
+from protloc.classifier import load_classifier, resolve_backbone, tsv_header, tsv_rows
+from protloc.cli.options import check_tiles, common, data_options, device_option, show_progress, view_options
+from protloc.data import ViewOptions
+from protloc.device import resolve_device
+from protloc.embed import EmbedStats, embed
+from protloc.embeddings import read_embeddings
+from protloc.errors import ProtlocError
+from protloc.output import atomic_path, check_destination
+from protloc.sources import discover
+
+
+@contextlib.contextmanager
+def _open_output(output: str):
+    """stdout, or FILE written atomically (nothing is left of it after an error)."""
+    if output == "-":
+        yield sys.stdout
+        return
+    with atomic_path(output) as tmp, open(tmp, "w") as f:
+        yield f
+
+
+def _views(ctx, model_views: dict, **given) -> dict:
+    """The MODEL's view settings, each overridden by its flag when given; --tile 0: whole images."""
+    views = dict(model_views)
+    for key, value in given.items():
+        if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
+            views[key] = value
+    if views.get("tile") == 0:
+        views.update(tile=None, stride=None, aggregate=None)
+    return views
+
+
+def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
+    """Embeddings must come from the backbone the head takes: the MODEL's own (`protloc embed
+    --weights MODEL`), or for a frozen one the backbone it was trained on. A bare .npy says
+    nothing and is trusted."""
+    ref = clf.backbone_ref
+    if ref.get("fine_tuned"):
+        same = meta.get("sha256") == file_sha256(clf.source)
+    elif meta.get("weights") == "random":
+        same = ref.get("weights") == "random" and ref.get("seed") == meta.get("seed") and ref.get("config") == meta.get("config")
+    elif meta.get("sha256"):
+        same = meta["sha256"] in {ref.get("sha256")} | ({file_sha256(clf.source)} if ref.get("included") else set())
+    else:
+        return
+    if not same:
+        raise ProtlocError(f"{source}: made by another backbone ({meta.get('weights')}) than the one {clf.source} "
+                           f"takes; embed with --weights {clf.source}, or predict from the images")
+
+
+@click.command("predict")
+@click.argument("data", metavar="DATA...|EMB", nargs=-1, required=True)
+@click.option("--weights", required=True, metavar="MODEL", help="A classifier written by `protloc finetune -o`.")
+@click.option("-o", "--output", default="-", metavar="-|FILE",
+              help="Where the TSV goes: - = stdout; a FILE is written when complete.")
+@click.option("--backbone", "backbone_path", metavar="CKPT", default=None,
+              help="For a head trained on an embeddings file: the backbone that made them (its SHA-256 must match). "
+                   "Default: the path stored in MODEL.")
+@view_options(inherit="the MODEL")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images (tiles with --tile) per forward pass.")
+@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB input.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@data_options
+@device_option
+@common
+@click.pass_context
+def predict_command(ctx, data, weights, output, backbone_path, size, normalize, pool, tile, stride, aggregate,
+                    batch_size, ids_path, force, channels, channel_suffixes, z, axes, max_pixels, workers, on_error,
+                    device, quiet):
+    """Predict localizations: a TSV with id, predicted class(es) (a;b for multi-label) and one
+    probability column per class; rows in input order, one per image (per tile with --tile).
+
+    DATA: TIFF files, directories and - (paths on stdin), viewed as the MODEL was trained (size,
+    normalization, pooling, tiles, channels; any flag overrides); or EMB: an embeddings file made
+    with the MODEL's backbone.
+
+    \b
+    protloc predict plate1/ --weights model.pt > predictions.tsv
+    protloc predict fields/ --weights model.pt --tile 256 --aggregate mean -o fields.tsv
+    """
+    if output != "-":
+        check_destination(output, force)
+    clf = load_classifier(weights)
+    start = time.perf_counter()
+    if len(data) == 1 and data[0].lower().endswith((".npy", ".npz")):
+        emb = read_embeddings(data[0], ids_path)
+        if emb.ids is None:
+            raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        _check_embeddings_backbone(clf, emb.meta, emb.source)
+        probs = clf.probabilities(emb.x)
+        with _open_output(output) as out:
+            out.write(tsv_header(clf.classes))
+            out.write(tsv_rows(emb.ids, clf.predicted(probs), probs))
+        if not quiet:
+            click.echo(f"protloc: predicted {len(emb.ids)} row(s) of {emb.source}", err=True)
+        return
+
+    views = _views(ctx, clf.views, size=size, normalize=normalize, pool=pool, tile=tile, stride=stride,
+                   aggregate=aggregate, channels=list(channels) if channels else None,
+                   channel_suffixes=channel_suffixes, z=z)
+    check_tiles(views["tile"], views["stride"], views["aggregate"])
+    model, _ = resolve_backbone(clf, backbone_path)
+    sources = discover(list(data), stdin=sys.stdin if "-" in data else None,
+                       channel_suffixes=views["channel_suffixes"])
+    opts = ViewOptions(size=views["size"], tile=views["tile"], stride=views["stride"],
+                       normalize=views["normalize"] or model.config.normalize,
+                       channels=tuple(views["channels"]) if views["channels"] else None, z=views["z"] or "max",
+                       axes=axes, max_pixels=max_pixels)
+    stats, rows = EmbedStats(), 0
+    with _open_output(output) as out, tqdm(total=len(sources), unit="img", disable=not show_progress(ctx),
+                                            file=sys.stderr) as bar:
+        out.write(tsv_header(clf.classes))
+        for ids, vectors in embed(model, sources, opts, pool=views["pool"] or "cls", batch_size=batch_size,
+                                  device=resolve_device(device), workers=workers, on_error=on_error, stats=stats,
+                                  progress=bar.update, aggregate=views["aggregate"]):
+            probs = clf.probabilities(vectors)
+            out.write(tsv_rows(ids, clf.predicted(probs), probs))
+            rows += len(ids)
+        if rows == 0:
+            raise ProtlocError(f"no image could be read ({len(stats.skipped)} skipped)")
+    if not quiet:
+        elapsed = time.perf_counter() - start
+        click.echo(f"protloc: predicted {rows} row(s) of {stats.images} image(s) with {os.path.basename(weights)} "
+                   f"in {elapsed:.1f} s" + (f"; skipped {len(stats.skipped)}" if stats.skipped else ""), err=True)

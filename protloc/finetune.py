@@ -1,0 +1,338 @@
+"""Training a localization classifier: a head on frozen embeddings, or a fine-tuned backbone.
+
+The study's two transfer protocols (arXiv 2604.10970):
+
+- frozen (`FrozenTask`): the backbone's embeddings are computed once (or read from an embeddings
+  file); a head (protloc.head) is trained on them as tensors: AdamW, mini-batches, a fixed number
+  of epochs with early stopping on a validation split. Fast on a CPU.
+- full fine-tuning (`FullTask`): backbone and head are trained together from images. Each step
+  decodes a batch, cuts DINO's 2 global crops of every image at the view size with the
+  pretraining augmentations (protloc.augment: random resized crop, flips and 90-degree rotations,
+  intensity jitter, blur, noise; no local crops) and trains on both crops. The backbone's
+  learning rate is the head's times `backbone_lr_scale`, optionally decayed layer by layer
+  (block i of L gets layer_decay ** (L - i), the embeddings layer_decay ** (L + 1)); linear
+  warm-up over the first epoch, then cosine. Evaluation embeds the whole image resized to the
+  view size, exactly as `protloc embed --size` and `protloc predict` do.
+
+Both restore the weights of the best validation epoch (protloc.head.EarlyStopping).
+Cross-validation over these tasks is protloc.crossval; the MODEL file is protloc.classifier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protloc.augment import MultiCropConfig, multi_crop
+from protloc.data import ImageDataset, ViewOptions, loader, usable, worker_init
+from protloc.dino import cosine_schedule, param_groups
+from protloc.embed import embed
+from protloc.errors import ProtlocError
+from protloc.head import (EarlyStopping, Head, epoch_order, loss_function, macro_f1, probabilities, sample_weights,
+                          targets)
+from protloc.knn import predict
+from protloc.labels import Matched, strip_fragment
+from protloc.model import VisionTransformer
+from protloc.sources import Source
+
+MIN_LR = 1e-6  # end of the full fine-tuning cosine, as DINO's
+
+
+@dataclass
+class FinetuneConfig:
+    freeze: bool = True
+    head: str = "linear"
+    epochs: int = 100
+    patience: int = 20  # epochs without a better validation score before stopping
+    lr: float = 1e-3  # the head's; the backbone's is lr * backbone_lr_scale
+    weight_decay: float = 0.05  # AdamW, weight matrices only
+    batch_size: int = 256
+    balance: str = "weight"
+    backbone_lr_scale: float = 0.1
+    layer_decay: float = 1.0  # 1: every backbone layer at the same learning rate
+    size: int = 224  # full fine-tuning: the view size of training crops and evaluation
+    pool: str = "cls"
+    clip_grad: float = 3.0  # full fine-tuning: global gradient norm clip
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LabelledRows:
+    """The rows to train and test on: embedding rows (images, or tiles) with their labels."""
+    ids: list[str]
+    y: np.ndarray  # (n, classes) uint8 indicators
+    groups: np.ndarray | None  # cross-validation groups
+    classes: list[str]
+    multilabel: bool
+
+
+def _groups(ids: list[str], label_groups) -> np.ndarray | None:
+    """The labels' groups; without them, the tiles (cells) of one image form a group, so an
+    image is never on both sides of a split."""
+    if label_groups is not None:
+        return np.asarray(label_groups)
+    images = [strip_fragment(i) for i in ids]
+    return np.asarray(images) if images != list(ids) else None
+
+
+def labelled_rows(ids: list[str], matched: Matched) -> LabelledRows:
+    """The labelled subset of embedding rows `ids`, as protloc.labels.match_rows found it."""
+    kept = [ids[r] for r in matched.rows]
+    return LabelledRows(kept, matched.y, _groups(kept, matched.groups), matched.classes, matched.multilabel)
+
+
+def rows_of(labelled: LabelledRows, ids: list[str]) -> LabelledRows:
+    """Rows `ids` (the labelled images themselves, or their tiles) with their image's labels."""
+    index = {image: k for k, image in enumerate(labelled.ids)}
+    take = [index[strip_fragment(i)] for i in ids]
+    groups = labelled.groups[take] if labelled.groups is not None else None
+    return LabelledRows(list(ids), labelled.y[take], _groups(list(ids), groups), labelled.classes, labelled.multilabel)
+
+
+def embed_all(model, sources, opts, **kw) -> tuple[list[str], np.ndarray]:
+    """Every row of protloc.embed.embed gathered: (ids, (n, D) float32)."""
+    ids, chunks = [], []
+    for batch_ids, vectors in embed(model, sources, opts, **kw):
+        ids.extend(batch_ids)
+        chunks.append(vectors)
+    return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32))
+
+
+def model_view(backbone: VisionTransformer, opts: ViewOptions) -> ViewOptions:
+    """`opts` with the backbone's channel requirements, so a mismatched image fails by name."""
+    config = backbone.config
+    return dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
+                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
+
+
+def readable(backbone: VisionTransformer, sources: list[Source], opts: ViewOptions, workers: int,
+             on_error: str) -> list[int]:
+    """Indices of the sources that load for this backbone (one decoding pass; a bad image fails
+    or, with on_error="skip", is logged and left out)."""
+    return [item.index for item in loader(sources, model_view(backbone, opts), workers) if usable(item, on_error)]
+
+
+@dataclass
+class Fitted:
+    head: Head
+    backbone: VisionTransformer | None  # None: a head on frozen embeddings
+    best_epoch: int  # 1-based epoch whose weights were kept
+    epochs: int  # epochs run
+
+
+def _run_epochs(cfg: FinetuneConfig, train_epoch, evaluate, stopper: EarlyStopping, has_val: bool, on_epoch):
+    """Epoch loop with early stopping; returns (best epoch, epochs run), 1-based."""
+    for epoch in range(cfg.epochs):
+        train_epoch(epoch)
+        f1 = None
+        stop = False
+        if has_val:
+            f1, loss = evaluate()
+            stop = stopper.step(epoch, f1, loss)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, f1)
+        if stop:
+            break
+    stopper.restore()
+    return (stopper.best_epoch + 1 if has_val else epoch + 1), epoch + 1
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """Run a head's small steps on one CPU thread: at these sizes waking torch's worker threads
+    costs more than the arithmetic (on a busy 2-core machine, 10 ms per op instead of 10 us)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class FrozenTask:
+    """A head on fixed embeddings x (n, D), trained as tensors."""
+
+    def __init__(self, x: np.ndarray, rows: LabelledRows, cfg: FinetuneConfig, device="cpu"):
+        self.device = torch.device(device)
+        self.x = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(self.device)
+        self.rows, self.cfg = rows, cfg
+        self.t = targets(rows.y, rows.multilabel).to(self.device)
+
+    def fit(self, train: np.ndarray, val: np.ndarray, seed: int, on_epoch=None) -> Fitted:
+        with one_cpu_thread(self.device):
+            return self._fit(train, val, seed, on_epoch)
+
+    def _fit(self, train, val, seed, on_epoch):
+        cfg, rows, x, t = self.cfg, self.rows, self.x, self.t
+        torch.manual_seed(seed)
+        head = Head(x.shape[1], len(rows.classes), cfg.head).to(self.device)
+        head.standardize_with(x[train])
+        loss_fn = loss_function(rows.y[train], rows.multilabel, cfg.balance, self.device)
+        optimizer = torch.optim.AdamW(param_groups(head), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        weights = sample_weights(rows.y[train]) if cfg.balance == "sample" else None
+        train_t = torch.as_tensor(train, device=self.device)
+
+        def train_epoch(_epoch):
+            head.train()
+            for chunk in epoch_order(len(train), cfg.balance, weights, generator).split(cfg.batch_size):
+                idx = train_t[chunk.to(self.device)]
+                loss = loss_fn(head(x[idx]), t[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        def evaluate():
+            head.eval()
+            with torch.no_grad():
+                logits = head(x[val])
+                loss = float(loss_fn(logits, t[val]))
+            f1 = macro_f1(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
+            return f1, loss
+
+        stopper = EarlyStopping(cfg.patience, head)
+        best, epochs = _run_epochs(cfg, train_epoch, evaluate, stopper, len(val) > 0, on_epoch)
+        return Fitted(head.eval().cpu(), None, best, epochs)
+
+    def predict(self, fitted: Fitted, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return probabilities(fitted.head.eval()(self.x[rows].cpu()), self.rows.multilabel)
+
+
+def layer_groups(backbone: VisionTransformer, head: Head, cfg: FinetuneConfig) -> list[dict]:
+    """AdamW parameter groups with an `lr_scale` each: 1 for the head, backbone_lr_scale times
+    layer_decay ** (depth + 1 - layer) for the backbone (layer 0: patch, position, class and
+    channel embeddings; i + 1: block i; depth + 1: the final norm). No weight decay on biases,
+    norms and embeddings."""
+    depth = len(backbone.blocks)
+    groups: dict[tuple[float, bool], dict] = {}
+
+    def add(p, scale, decay):
+        group = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale,
+                                                   "weight_decay": cfg.weight_decay if decay else 0.0})
+        group["params"].append(p)
+
+    for name, p in backbone.named_parameters():
+        layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1 if name.startswith("norm.") else 0
+        no_decay = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed", "channel_embed")
+        add(p, cfg.backbone_lr_scale * cfg.layer_decay ** (depth + 1 - layer), not no_decay)
+    for name, p in head.named_parameters():
+        add(p, 1.0, not (p.ndim == 1 or name.endswith(".bias")))
+    return list(groups.values())
+
+
+class FullTask:
+    """Backbone and head trained together from images; every fit starts from `backbone`."""
+
+    def __init__(self, backbone: VisionTransformer, sources: list[Source], rows: LabelledRows, cfg: FinetuneConfig,
+                 view: ViewOptions, device="cpu", workers: int = 2):
+        normalize = backbone.config.normalize
+        if normalize not in ("image", "percentile"):
+            raise ProtlocError(f"full fine-tuning augments images normalized 'image' or 'percentile'; this backbone "
+                               f"uses '{normalize}' (use --freeze)")
+        if view.tile is not None:
+            raise ProtlocError("--tile goes with --freeze (full fine-tuning trains on crops of whole images)")
+        self.start, self.sources, self.rows, self.cfg = backbone, sources, rows, cfg
+        self.device, self.workers = torch.device(device), workers
+        # as in pretraining: the loader scales to ~0..1, augment.py standardizes each crop
+        self.train_view = dataclasses.replace(model_view(backbone, view), size=None, normalize="percentile")
+        self.eval_view = dataclasses.replace(view, size=cfg.size, normalize=normalize)
+        self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
+        self.t = targets(rows.y, rows.multilabel)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    def _batches(self, index_lists):
+        dataset = ImageDataset(self.sources, self.train_view)
+        if self.workers == 0:
+            return ([dataset[i] for i in idx] for idx in index_lists)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=index_lists, collate_fn=list,
+                                                num_workers=self.workers, worker_init_fn=worker_init))
+
+    def _step(self, items, backbone, head, loss_fn, generator):
+        """The loss of one batch: both global crops of every image, each with its image's label."""
+        images = []
+        for item in items:
+            x = torch.from_numpy(item.pixels).to(self.device).float()
+            scale, shift = (torch.from_numpy(a).to(self.device) for a in (item.scale, item.shift))
+            images.append(x * scale[:, None, None] + shift[:, None, None])
+        names = list(items[0].channel_names)
+        protein = names.index("protein") if "protein" in names else None
+        global_crops, _ = multi_crop(images, self.crops, generator, protein)  # (2, B, C, S, S)
+        crops = global_crops.flatten(0, 1)  # (2B, C, S, S), crop-major
+        labels = self.t[[item.index for item in items]].to(self.device)
+        labels = torch.cat([labels, labels])  # crop-major: crop 0 of each image, then crop 1
+        ones = torch.ones(crops.shape[:2], device=self.device)  # crops arrive normalized
+        with self.autocast:
+            features = backbone.embed(crops, ones, torch.zeros_like(ones), names, self.cfg.pool)
+            return loss_fn(head(features.float()), labels)
+
+    def fit(self, train: np.ndarray, val: np.ndarray, seed: int, on_epoch=None) -> Fitted:
+        cfg, rows = self.cfg, self.rows
+        torch.manual_seed(seed)
+        backbone = copy.deepcopy(self.start).to(self.device)
+        # no feature standardization here: the features move as the backbone trains
+        head = Head(backbone.dim, len(rows.classes), cfg.head).to(self.device)
+        groups = layer_groups(backbone, head, cfg)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        schedule = cosine_schedule(cfg.lr, MIN_LR, cfg.epochs * per_epoch, warmup_steps=per_epoch)
+        loss_fn = loss_function(rows.y[train], rows.multilabel, cfg.balance, self.device)
+        val_loss_fn = loss_function(rows.y[train], rows.multilabel, cfg.balance)
+        weights = sample_weights(rows.y[train]) if cfg.balance == "sample" else None
+        step = 0
+
+        def train_epoch(epoch):
+            nonlocal step
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+            order = train[epoch_order(len(train), cfg.balance, weights, generator).numpy()]
+            index_lists = [order[i:i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+            backbone.train()
+            head.train()
+            for items in self._batches(index_lists):
+                for group in optimizer.param_groups:
+                    group["lr"] = float(schedule[step]) * group["lr_scale"]
+                loss = self._step(items, backbone, head, loss_fn, generator)
+                if not math.isfinite(loss.item()):
+                    raise ProtlocError(f"fine-tuning diverged (loss {loss.item()}) at epoch {epoch + 1}: "
+                                       "lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
+                optimizer.step()
+                step += 1
+
+        def evaluate():
+            logits = self._logits(backbone, head, val)
+            f1 = macro_f1(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
+            return f1, float(val_loss_fn(logits, self.t[val]))
+
+        stopper = EarlyStopping(cfg.patience, backbone, head)
+        best, epochs = _run_epochs(cfg, train_epoch, evaluate, stopper, len(val) > 0, on_epoch)
+        return Fitted(head.eval().cpu(), backbone.eval().cpu(), best, epochs)
+
+    def _logits(self, backbone, head, rows: np.ndarray) -> torch.Tensor:
+        """Logits (rows, classes) on the CPU from the evaluation view of each image."""
+        sources = [self.sources[i] for i in rows]
+        _, x = embed_all(backbone, sources, self.eval_view, pool=self.cfg.pool, batch_size=self.cfg.batch_size,
+                         device=self.device, workers=self.workers)
+        head.eval()
+        with torch.no_grad():
+            return head(torch.from_numpy(x).to(self.device)).float().cpu()
+
+    def predict(self, fitted: Fitted, rows: np.ndarray) -> np.ndarray:
+        logits = self._logits(fitted.backbone.to(self.device), fitted.head.to(self.device), rows)
+        fitted.backbone.cpu()
+        fitted.head.cpu()
+        return probabilities(logits, self.rows.multilabel)
