@@ -22,6 +22,7 @@ COMMANDS = {
     "knn": "protloc.cli.knn:knn_command",
     "finetune": "protloc.cli.finetune:finetune_command",
     "predict": "protloc.cli.predict:predict_command",
+    "plot": "protloc.cli.plot:plot_command",
 }
 
 

@@ -8,15 +8,16 @@ import time
 import click
 from tqdm import tqdm
 
-from protloc import __version__
-from protloc.cli.options import (architecture_options, check_tiles, common, data_options, device_option, show_progress,
-                                 view_options)
+from protloc import __version__, distributed
+from protloc.cells import image_sources
+from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
+                                 device_option, show_progress, view_options)
 from protloc.data import ViewOptions
-from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
 from protloc.embeddings import RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
+from protloc.shard import gather_to_main, my_slice
 from protloc.sources import discover
 
 
@@ -33,20 +34,24 @@ def _check_output(output: str) -> None:
 @click.option("--ids", "ids_path", metavar="FILE",
               help="Write the row ids (one line per row: the image path, or the group stem) to FILE.")
 @click.option("--weights", required=True, metavar="CKPT|random",
-              help="A protloc checkpoint, or 'random' for a random-init baseline built from --arch/--patch/--layout.")
+              help="A protloc checkpoint, a foreign one (DINO, DINO4Cells, timm-style ViT; .pth or .safetensors), or "
+                   "'random' for a random-init baseline built from --arch/--patch/--layout.")
 @architecture_options("a random backbone")
 @view_options()
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images (tiles with --tile) per forward pass.")
-@click.option("--seed", type=int, default=0, help="Seed of a random backbone.")
+@cell_options()
+@channel_options()
+@click.option("--batch-size", type=click.IntRange(min=1), default=32,
+              help="Images (tiles with --tile, cells with --cells) per forward pass.")
+@click.option("--seed", type=int, default=0, help="Seed of a random backbone and of --channel-strategy random.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @data_options
 @device_option
 @common
 @click.pass_context
 def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, tile, stride,
-                  aggregate, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels,
+                  aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels,
                   device, quiet):
-    """Embed images: one vector per image (or per tile), rows in input order.
+    """Embed images: one vector per image (or per tile or cell), rows in input order.
 
     DATA: TIFF files, directories (searched recursively, sorted) and - (paths on stdin, one per line).
 
@@ -54,49 +59,92 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     protloc embed images/ --weights random --arch vit_tiny --patch 8 --size 64 > emb.npy
     find plate1 -name '*.tif' | protloc embed - --weights model.pt -o emb.npz
     protloc embed fields/ --weights model.pt --tile 256 --aggregate mean -o emb.npz
+    protloc embed fields/ --weights model.pt --cells fields/masks --cell-size 96 -o cells.npz
     """
     _check_output(output)
-    check_tiles(tile, stride, aggregate)
+    check_views(tile, stride, aggregate, cells, cell_size, mask_outside, border)
     if output == "-" and sys.stdout.isatty():
         raise ProtlocError("refusing to write binary .npy to a terminal: redirect stdout or use -o FILE")
     for path in ([output] if output != "-" else []) + ([ids_path] if ids_path else []):
         check_destination(path, force)
 
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
-    opts = ViewOptions(size=size, tile=tile, stride=stride, normalize=normalize or "image",
-                       channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
+    if cells:
+        sources = image_sources(sources, cells)
+    cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
+    opts = ViewOptions(size=size, tile=tile, stride=stride, cells=cells, cell_size=cell_size or 128,
+                       mask_outside=bool(mask_outside), border=border or "skip", normalize=normalize or "image",
+                       channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels,
+                       channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
-                                      depth=depth, seed=seed)
+                                      depth=depth, seed=seed, model_channels=model_channels)
     opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
-    device = resolve_device(device)
-
-    start = time.perf_counter()
-    stats = EmbedStats()
-    writer = RowWriter(model.dim, tmp_dir=os.path.dirname(os.path.abspath(output)) if output != "-" else None)
-    ids: list[str] = []
-    with tqdm(total=len(sources), unit="img", disable=not show_progress(ctx), file=sys.stderr) as bar:
-        for batch_ids, vectors in embed(model, sources, opts, pool=pool, batch_size=batch_size, device=device,
-                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update,
-                                        aggregate=aggregate):
-            writer.append(vectors)
-            ids.extend(batch_ids)
-    if writer.rows == 0:
+    world = distributed.init(device)  # under torchrun: this rank embeds its contiguous share
+    try:
+        writer, stats, ids, elapsed = _embed_share(ctx, world, model, sources, opts, output, pool, batch_size,
+                                                   workers, on_error, aggregate)
+    finally:
+        distributed.close(world)
+    if not world.is_main:
+        return
+    if writer is None:
         raise ProtlocError(f"no image could be embedded ({len(stats.skipped)} skipped)")
+    if stats.channel_maps and not quiet:
+        for plan in sorted(stats.channel_maps):
+            click.echo(f"protloc: channels ({opts.channel_strategy}): {plan}", err=True)
 
     meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": opts.normalize,
             "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
             "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped],
-            "tile": tile, "stride": stride or tile, "aggregate": aggregate}
+            "tile": tile, "stride": stride or tile, "aggregate": aggregate,
+            "cells": cells, "cell_size": cell_size, "mask_outside": mask_outside, "border": border,
+            "channel_strategy": {"strategy": opts.channel_strategy, "fill": opts.fill, "seed": seed,
+                                 "model_channels": model.config.channels if model.config.layout == "fused" else None,
+                                 "plans": sorted(stats.channel_maps)}}
     if tile and not aggregate:  # rows are tiles: where each lies in its image
-        meta["tile_origins"] = [list(origin) for origin in stats.origins]
+        meta["tile_origins"] = [m["origin"] for m in stats.view_meta]
+    if cells and not aggregate:  # rows are cells: where each lies in its image
+        meta["cell_centroids"] = [m["centroid"] for m in stats.view_meta]
+        meta["cell_bboxes"] = [m["bbox"] for m in stats.view_meta]
     write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)
     writer.close()
     if ids_path:
         write_ids(ids_path, ids)
 
     if not quiet:
-        elapsed = time.perf_counter() - start
-        tiles = f" as {stats.tiles} tile(s)" if tile else ""
-        click.echo(f"protloc: embedded {stats.images} image(s){tiles} -> ({writer.rows}, {model.dim}) in {elapsed:.1f} s "
+        ranks = f" on {world.size} processes" if world.size > 1 else ""
+        views = f" as {stats.views} tile(s)" if tile else f" as {stats.views} cell(s)" if cells else ""
+        click.echo(f"protloc: embedded {stats.images} image(s){views} -> ({writer.rows}, {writer.dim}) in {elapsed:.1f} s "
                    f"({stats.images / elapsed:.1f} img/s, {stats.data_wait_s / elapsed:.0%} waiting for data)"
-                   + (f"; skipped {len(stats.skipped)}" if stats.skipped else ""), err=True)
+                   + (f"; skipped {len(stats.skipped)}" if stats.skipped else "") + ranks, err=True)
+
+
+def _embed_share(ctx, world, model, sources, opts, output, pool, batch_size, workers, on_error, aggregate):
+    """Embed this rank's share of the sources; on rank 0, every rank's rows in input order.
+
+    Returns (writer or None, stats, ids, seconds): the merged results on rank 0."""
+    start = time.perf_counter()
+    stats = EmbedStats()
+    writer = None  # its width is known with the first batch: D, or D x C with --channel-strategy per-channel
+    ids: list[str] = []
+    share = sources[my_slice(len(sources), world)]
+    tmp_dir = os.path.dirname(os.path.abspath(output)) if output != "-" else None
+    with tqdm(total=len(share), unit="img", disable=not (world.is_main and show_progress(ctx)), file=sys.stderr) as bar:
+        for batch_ids, vectors in embed(model, share, opts, pool=pool, batch_size=batch_size, device=world.device,
+                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update,
+                                        aggregate=aggregate):
+            if writer is None:
+                writer = RowWriter(vectors.shape[1], tmp_dir=tmp_dir)
+            writer.append(vectors)
+            ids.extend(batch_ids)
+    info = {"ids": ids, "skipped": stats.skipped, "view_meta": stats.view_meta, "channel_maps": stats.channel_maps,
+            "images": stats.images, "views": stats.views, "data_wait_s": stats.data_wait_s}
+    writer, infos = gather_to_main(world, writer, info)
+    if len(infos) > 1:  # rank 0: the others' bookkeeping after its own, in rank order
+        ids = [i for part in infos for i in part["ids"]]
+        stats.skipped = [s for part in infos for s in part["skipped"]]
+        stats.view_meta = [m for part in infos for m in part["view_meta"]]
+        stats.channel_maps = set().union(*(part["channel_maps"] for part in infos))
+        stats.images, stats.views = sum(p["images"] for p in infos), sum(p["views"] for p in infos)
+        stats.data_wait_s = max(p["data_wait_s"] for p in infos)
+    return writer, stats, ids, time.perf_counter() - start

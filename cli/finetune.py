@@ -9,9 +9,10 @@ import click
 from tqdm import tqdm
 
 from protloc import __version__
+from protloc.cells import image_sources
 from protloc.classifier import VIEW_KEYS, backbone_reference, save_classifier
-from protloc.cli.options import (architecture_options, check_tiles, common, data_options, device_option, show_progress,
-                                 view_options)
+from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options, device_option,
+                                 show_progress, view_options)
 from protloc.crossval import check_classes, cross_validate, final_split, format_table, plan, summarize
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
@@ -20,7 +21,7 @@ from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
 from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
 from protloc.head import BALANCES, HEADS
-from protloc.labels import match_rows, read_labels
+from protloc.labels import images_of, match_rows, read_labels
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
 
@@ -57,9 +58,10 @@ def _is_embeddings(inputs) -> bool:
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
               help="Train on this stratified fraction of each training split, at least one image per class "
                    "(the data-scaling experiment; MODEL too).")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1,
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=None,
               help="Part of each training split held out for early stopping (stratified; grouped when there are "
-                   "enough groups); 0: no early stopping.")
+                   "enough groups); 0: no early stopping, all --epochs. Default: 0 with --freeze (a head on frozen "
+                   "features: a small validation split picks a noisy epoch and costs training rows), 0.1 fine-tuning.")
 @click.option("--balance", type=click.Choice(BALANCES), default="weight",
               help="Class balance for macro F1: weight the loss by inverse class frequency, sample rows "
                    "class-balanced, or none.")
@@ -78,6 +80,8 @@ def _is_embeddings(inputs) -> bool:
               help="Fine-tuning: block i of L learns at layer_decay ** (L - i) times the backbone rate (1: off; "
                    "0.65-0.75 is usual for ViTs).")
 @view_options(size_help="native with --freeze (as embed); 224 fine-tuning (crops and evaluation views)")
+@cell_options()
+@channel_options()
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB (as written by `protloc embed --ids`).")
 @click.option("--id-column", default=None, help="Labels column matched to the images / row ids. Default: path, else id.")
 @click.option("--label-column", default="label", help="Labels column holding the class(es).")
@@ -91,7 +95,8 @@ def _is_embeddings(inputs) -> bool:
 @click.pass_context
 def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, patch, layout, depth, head_kind, folds,
                      seeds, seed, fraction, val_fraction, balance, epochs, patience, lr, weight_decay, batch_size,
-                     backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, ids_path,
+                     backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells, cell_size,
+                     mask_outside, border, channel_strategy, fill, model_channels, ids_path,
                      id_column, label_column, group_column, json_path, force, channels, channel_suffixes, z, axes,
                      max_pixels, workers, on_error, device, quiet):
     """Train a localization classifier and cross-validate it: macro F1 mean ± std over folds x seeds.
@@ -104,21 +109,28 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     protloc finetune emb.npz --labels labels.csv --head mlp --folds 5 --seeds 3 -o head.pt
     protloc finetune cells/ --labels labels.csv --weights dino.pt --freeze --json cv.json
     protloc finetune cells/ --labels labels.csv --weights dino.pt --size 224 -o model.pt
+    protloc finetune fields/ --labels labels.csv --weights dino.pt --freeze --cells fields/masks -o cells.pt
     """
     from_embeddings = _is_embeddings(inputs)
     if folds == 1:
         raise click.UsageError("--folds 1 is no cross-validation: give 0 (only fit MODEL) or at least 2")
     if output is None and folds == 0:
         raise click.UsageError("nothing to do: give -o MODEL, --folds 2 or more, or both")
-    check_tiles(tile, stride, aggregate)
-    if from_embeddings and (weights or tile or size or normalize):
-        raise click.UsageError("--weights, --size, --normalize and --tile go with images; an EMB file is embedded "
-                               "already")
+    check_views(tile, stride, aggregate, cells, cell_size, mask_outside, border)
+    if from_embeddings and (weights or tile or cells or size or normalize):
+        raise click.UsageError("--weights, --size, --normalize, --tile and --cells go with images; an EMB file is "
+                               "embedded already")
     if not from_embeddings and weights is None:
         raise click.UsageError("images need a backbone: --weights CKPT|random (or give an EMB file)")
     if ids_path and not from_embeddings:
         raise click.UsageError("--ids goes with an .npy EMB input")
     freeze = freeze or from_embeddings
+    if not freeze and channel_strategy == "per-channel":
+        raise click.UsageError("--channel-strategy per-channel goes with --freeze (it embeds each channel on its own)")
+    if not freeze and (tile or cells):
+        raise click.UsageError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
+    val_fraction = (0.0 if freeze else 0.1) if val_fraction is None else val_fraction
+    cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
     cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30), patience=patience,
                          lr=lr, weight_decay=weight_decay, batch_size=batch_size or (256 if freeze else 32),
                          balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay,
@@ -143,35 +155,46 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         what = f"head on {emb.x.shape[1]}-d embeddings from {emb.source}"
     else:
         sources = discover(list(inputs), stdin=sys.stdin if "-" in inputs else None, channel_suffixes=channel_suffixes)
-        matched = match_rows([s.id for s in sources], labels, channel_suffixes=channel_suffixes)
-        images = labelled_rows([s.id for s in sources], matched)
+        if cells:
+            sources = image_sources(sources, cells)
+        # frozen: the images with a label (their own, or one of their cells' or tiles'), whose rows
+        # are matched to the labels once embedded; fine-tuning: labelled images are the rows
+        image_ids = [s.id for s in sources]
+        matched = match_rows(image_ids, images_of(labels) if freeze else labels, channel_suffixes=channel_suffixes)
         sources = [sources[r] for r in matched.rows]
-        opts = ViewOptions(size=size if freeze else cfg.size, tile=tile, stride=stride, normalize=normalize or "image",
-                           channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
+        opts = ViewOptions(size=size if freeze else cfg.size, tile=tile, stride=stride, cells=cells,
+                           cell_size=cell_size or 128, mask_outside=bool(mask_outside), border=border or "skip",
+                           normalize=normalize or "image",
+                           channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels,
+                           channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
         model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
-                                    seed=seed)
+                                    seed=seed, model_channels=model_channels)
         opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
         if freeze:
             with tqdm(total=len(sources), unit="img", desc="embedding", disable=not show_progress(ctx),
                       file=sys.stderr) as bar:
                 ids, x = embed_all(model, sources, opts, pool=pool, aggregate=aggregate, batch_size=32, device=device,
                                    workers=workers, on_error=on_error, progress=bar.update)
-            if not ids:
+            matched = match_rows(ids, labels, channel_suffixes=channel_suffixes, require_all=False)
+            if not len(matched.rows):
                 raise ProtlocError("no labelled image could be embedded")
-            rows, backbone = rows_of(images, ids), model
-            task = FrozenTask(x, rows, cfg, device)
+            rows, backbone = labelled_rows(ids, matched), model
+            task = FrozenTask(x[matched.rows], rows, cfg, device)
             what = f"head on frozen {meta['weights']} embeddings ({model.dim}-d)"
         else:
             ok = readable(model, sources, opts, workers, on_error)
             if not ok:
                 raise ProtlocError("no labelled image could be read")
             sources = [sources[i] for i in ok]
-            rows = rows_of(images, [s.id for s in sources])
+            rows = rows_of(labelled_rows(image_ids, matched), [s.id for s in sources])
             task = FullTask(model, sources, rows, cfg, opts, device, workers)
             what = f"fine-tuning {meta['weights']} ({model.config.arch}/{model.config.patch}) at {cfg.size} px"
         views = {"size": opts.size, "normalize": opts.normalize, "pool": pool, "tile": tile, "stride": stride or tile,
                  "aggregate": aggregate, "channels": list(channels) if channels else None,
-                 "channel_suffixes": channel_suffixes, "z": z}
+                 "channel_suffixes": channel_suffixes, "z": z, "cells": cells, "cell_size": cell_size,
+                 "mask_outside": mask_outside, "border": border,
+                 "channel_strategy": {"strategy": channel_strategy, "fill": fill, "seed": seed,
+                                      "model_channels": model.config.channels if model.config.layout == "fused" else None}}
         backbone_ref = meta
     if not quiet:
         click.echo(f"protloc: {len(rows.ids)} labelled row(s), {len(rows.classes)} classes"

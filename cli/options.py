@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from protloc.channel_map import STRATEGIES, parse_fill
+from protloc.cells import BORDERS
 from protloc.channels import parse_names
 from protloc.data import NORMALIZATIONS
 from protloc.embed import POOLINGS
@@ -80,7 +82,8 @@ def view_options(inherit: str | None = None, size_help: str = "native size (imag
     def decorate(f):
         value, text = default(None, "")
         f = click.option("--aggregate", type=click.Choice(AGGREGATIONS), default=value,
-                         help="With --tile: one row per image, the mean of its tile vectors. " + text)(f)
+                         help="With --tile or --cells: one row per image, the mean of its tile or cell vectors. "
+                              + text)(f)
         f = click.option("--stride", type=click.IntRange(min=1), default=value, metavar="S",
                          help="Step between tiles. " + (text or "Default: the tile size (no overlap)."))(f)
         value, text = default(None, "Default: whole images.")
@@ -102,9 +105,62 @@ def view_options(inherit: str | None = None, size_help: str = "native size (imag
     return decorate
 
 
-def check_tiles(tile, stride, aggregate) -> None:
-    if not tile and (stride is not None or aggregate is not None):
-        raise click.UsageError("--stride and --aggregate go with --tile")
+def channel_options(inherit: str | None = None):
+    """--channel-strategy, --fill, --model-channels: how an image's channels fill a fused-layout
+    model's input slots (protloc/channel_map.py). With `inherit`, defaults are recorded there."""
+    def decorate(f):
+        recorded = f" Default: as recorded in {inherit}." if inherit else ""
+        f = click.option("--model-channels", callback=_channel_names, metavar="NAMES",
+                         help="Names of the model's input channels, in order: needed for foreign checkpoints with "
+                              "other than 3 (r,g,b = microtubules,protein,nucleus) or 4 (DINO4Cells: "
+                              "microtubules,protein,nucleus,er) channels; renames a protloc model's." + recorded)(f)
+        f = click.option("--fill", default=None if inherit else "zero", metavar="zero|mean|copy:NAME",
+                         callback=lambda c, p, v: parse_fill(v) if v else v,
+                         help="What fills a model slot no image channel goes to (natural, random)." + recorded)(f)
+        return click.option("--channel-strategy", type=click.Choice(STRATEGIES), default=None if inherit else "natural",
+                            help="natural: each channel into the model slot of its name; replicate: channels cycled "
+                                 "over the slots; random: into random slots (seeded by --seed, recorded); "
+                                 "per-channel: each channel alone in every slot, vectors concatenated (D x C)."
+                                 + recorded)(f)
+    return decorate
+
+
+def cell_options(inherit: str | None = None):
+    """--cells, --cell-size, --mask-outside, --border: one view per segmented cell (protloc/cells.py).
+    Their defaults are None (so check_views sees what was given); with `inherit`, the crop settings
+    default to those recorded there (the masks never do: they belong to the data)."""
+    def default(own):
+        return f" Default: as recorded in {inherit}, else {own}." if inherit else f" Default: {own}."
+
+    def decorate(f):
+        f = click.option("--border", type=click.Choice(BORDERS), default=None,
+                         help="A cell cut by the image border (its mask touches the border or its crop reaches past "
+                              "it): skip it (no row), or pad its crop with zeros." + default("skip"))(f)
+        f = click.option("--mask-outside/--keep-outside", default=None,
+                         help="Set the crop's pixels outside the cell (background, neighbouring cells) to zero."
+                              + default("keep them"))(f)
+        f = click.option("--cell-size", type=click.IntRange(min=8), default=None, metavar="PX",
+                         help="Side of the square crop centred on each cell's centroid (--size then resizes it)."
+                              + default("128"))(f)
+        return click.option("--cells", metavar="MASKS", default=None,
+                            help="One row per cell (path#cell=K, ascending K) from label images (0 = background): "
+                                 "MASKS is a folder holding the mask of image X as X.tif (or X_mask, X_masks, "
+                                 "X_cp_masks, X_labels .tif/.tiff), or a pattern with {stem} and {dir}, e.g. "
+                                 "'{dir}/{stem}_cp_masks.tif'. Crops keep their whole image's normalization."
+                                 + (" Not recorded in a MODEL: give the masks of the data." if inherit else ""))(f)
+    return decorate
+
+
+def check_views(tile, stride, aggregate, cells=None, cell_size=None, mask_outside=None, border=None) -> None:
+    """Tiles and cells are two kinds of views: one at a time, each with its own flags."""
+    if tile and cells:
+        raise click.UsageError("--tile and --cells are two kinds of views: give one")
+    if not tile and stride is not None:
+        raise click.UsageError("--stride goes with --tile")
+    if not (tile or cells) and aggregate is not None:
+        raise click.UsageError("--aggregate goes with --tile or --cells")
+    if not cells and (cell_size is not None or mask_outside is not None or border is not None):
+        raise click.UsageError("--cell-size, --mask-outside/--keep-outside and --border go with --cells")
 
 
 def architecture_options(of: str):

@@ -1,6 +1,7 @@
 """`protloc predict`: localization predictions of a MODEL from `protloc finetune`, as TSV."""
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -9,9 +10,11 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from protloc.cells import image_sources
 from protloc.checkpoint import file_sha256
 from protloc.classifier import load_classifier, resolve_backbone, tsv_header, tsv_rows
-from protloc.cli.options import check_tiles, common, data_options, device_option, show_progress, view_options
+from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options, device_option, show_progress,
+                                 view_options)
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed
@@ -19,6 +22,8 @@ from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
+
+log = logging.getLogger("protloc.cli")
 
 
 @contextlib.contextmanager
@@ -69,7 +74,10 @@ def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
               help="For a head trained on an embeddings file: the backbone that made them (its SHA-256 must match). "
                    "Default: the path stored in MODEL.")
 @view_options(inherit="the MODEL")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images (tiles with --tile) per forward pass.")
+@cell_options(inherit="the MODEL")
+@channel_options(inherit="the MODEL")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32,
+              help="Images (tiles with --tile, cells with --cells) per forward pass.")
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB input.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @data_options
@@ -77,18 +85,21 @@ def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
 @common
 @click.pass_context
 def predict_command(ctx, data, weights, output, backbone_path, size, normalize, pool, tile, stride, aggregate,
-                    batch_size, ids_path, force, channels, channel_suffixes, z, axes, max_pixels, workers, on_error,
+                    cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, ids_path, force, channels, channel_suffixes, z, axes, max_pixels, workers, on_error,
                     device, quiet):
     """Predict localizations: a TSV with id, predicted class(es) (a;b for multi-label) and one
-    probability column per class; rows in input order, one per image (per tile with --tile).
+    probability column per class; rows in input order, one per image (per tile with --tile, per
+    cell with --cells).
 
     DATA: TIFF files, directories and - (paths on stdin), viewed as the MODEL was trained (size,
-    normalization, pooling, tiles, channels; any flag overrides); or EMB: an embeddings file made
-    with the MODEL's backbone.
+    normalization, pooling, tiles, cell crops, channels; any flag overrides; the masks of --cells
+    belong to the data and are never inherited); or EMB: an embeddings file made with the
+    MODEL's backbone.
 
     \b
     protloc predict plate1/ --weights model.pt > predictions.tsv
     protloc predict fields/ --weights model.pt --tile 256 --aggregate mean -o fields.tsv
+    protloc predict fields/ --weights cells.pt --cells fields/masks > cells.tsv
     """
     if output != "-":
         check_destination(output, force)
@@ -109,15 +120,32 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
 
     views = _views(ctx, clf.views, size=size, normalize=normalize, pool=pool, tile=tile, stride=stride,
                    aggregate=aggregate, channels=list(channels) if channels else None,
-                   channel_suffixes=channel_suffixes, z=z)
-    check_tiles(views["tile"], views["stride"], views["aggregate"])
-    model, _ = resolve_backbone(clf, backbone_path)
+                   channel_suffixes=channel_suffixes, z=z, cell_size=cell_size, mask_outside=mask_outside,
+                   border=border)
+    if cells and ctx.get_parameter_source("tile") != ParameterSource.COMMANDLINE:
+        views.update(tile=None, stride=None)  # cells replace a MODEL's tiles
+    if not cells and views.get("cells"):
+        log.warning("%s was trained on single cells (--cells %s); without --cells whole images are classified",
+                    weights, views["cells"])
+        views.update(aggregate=None)
+    check_views(views["tile"], views["stride"], views["aggregate"], cells, cell_size, mask_outside, border)
+    strategy = {"strategy": "natural", "fill": "zero", "seed": 0, "model_channels": None,
+                **(views.get("channel_strategy") or {})}
+    for key, value in (("strategy", channel_strategy), ("fill", fill), ("model_channels", model_channels)):
+        if value is not None:
+            strategy[key] = value
+    model, _ = resolve_backbone(clf, backbone_path, strategy["model_channels"])
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None,
                        channel_suffixes=views["channel_suffixes"])
-    opts = ViewOptions(size=views["size"], tile=views["tile"], stride=views["stride"],
+    if cells:
+        sources = image_sources(sources, cells)
+    opts = ViewOptions(size=views["size"], tile=views["tile"], stride=views["stride"], cells=cells,
+                       cell_size=views.get("cell_size") or 128, mask_outside=bool(views.get("mask_outside")),
+                       border=views.get("border") or "skip",
                        normalize=views["normalize"] or model.config.normalize,
                        channels=tuple(views["channels"]) if views["channels"] else None, z=views["z"] or "max",
-                       axes=axes, max_pixels=max_pixels)
+                       axes=axes, max_pixels=max_pixels, channel_strategy=strategy["strategy"], fill=strategy["fill"],
+                       strategy_seed=strategy["seed"])
     stats, rows = EmbedStats(), 0
     with _open_output(output) as out, tqdm(total=len(sources), unit="img", disable=not show_progress(ctx),
                                             file=sys.stderr) as bar:

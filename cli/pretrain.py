@@ -54,7 +54,8 @@ def stop_on_signals(trainer):
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Length of the run in optimizer steps.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Length of the run in passes over the data.")
 @click.option("--resume", is_flag=True, help="Continue the run in CKPT exactly where it stopped, with its settings.")
-@click.option("--init", "init", metavar="CKPT", default=None, help="Start the backbone from a protloc checkpoint.")
+@click.option("--init", "init", metavar="CKPT", default=None,
+              help="Start the backbone from a checkpoint: protloc, DINO, DINO4Cells or timm-style (.pth, .safetensors).")
 @click.option("--stop-at", type=click.IntRange(min=1), default=None,
               help="Stop after this step with a checkpoint (e.g. to fit a job's time limit); --resume continues.")
 @architecture_options("the backbone")

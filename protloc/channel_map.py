@@ -4,7 +4,9 @@ A model with the `fused` token layout takes a fixed list of channels (its slots:
 ImageNet DINO read as `microtubules,protein,nucleus`; `microtubules,protein,nucleus,er` for
 DINO4Cells' HPA models). An image has its own named channels (OpenCell: `nucleus,protein`).
 
-    natural      each image channel goes to the slot of the same name; empty slots get the fill
+    natural      each image channel goes to the slot of the same name; empty slots get the fill.
+                 An image whose channels carry no names (ch0, ch1, ...: a plain TIFF without
+                 --channels) is taken in order when it has as many channels as the model
     replicate    the image's channels cycled over the slots in order (one channel: grayscale -> RGB)
     random       the image's channels go to randomly chosen distinct slots (seeded, the same for
                  every image of a run, and recorded); empty slots get the fill
@@ -69,7 +71,13 @@ def plan_channels(strategy: str, image: tuple[str, ...], model: tuple[str, ...],
     if strategy == "per-channel":  # protloc.embed runs the image channels one by one
         return ChannelPlan(tuple(range(len(image))), image, image)
     if strategy == "natural":
+        unnamed = all(n == f"ch{i}" for i, n in enumerate(image))
+        if unnamed and len(image) == len(model):
+            return ChannelPlan(tuple(range(len(image))), image, model)
         matched = [n for n in image if n in model]
+        if unnamed:
+            raise ProtlocError(f"{source}: has {len(image)} channel(s) without names, the model takes {len(model)} "
+                               f"({', '.join(model)}): name them with --channels, or choose a --channel-strategy")
         if not matched:
             raise ProtlocError(f"{source}: no channel of the image ({', '.join(image)}) is one of the model's "
                                f"({', '.join(model)}): name them with --channels, or use --channel-strategy replicate")

@@ -3,18 +3,17 @@
 A checkpoint is a dict {"format": "protloc", "version": 1, "config": {...}, "model": state_dict,
 ...}: training adds "teacher", "student", "optimizer", "step" and RNG states. Only tensors,
 numbers, strings, lists and dicts are stored, so it loads with `torch.load(weights_only=True)`
-and nothing in it can run code.
+and nothing in it can run code. `model_from_checkpoint` also takes foreign backbones (foreign.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import warnings
 
 import torch
 
 from protloc.errors import ProtlocError
+from protloc.foreign import backbone_state, infer_config, read_weights_file
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.output import atomic_path
 
@@ -32,21 +31,17 @@ def save_checkpoint(path, config: ViTConfig, model_state: dict, **extra) -> None
 
 def load_checkpoint(path) -> dict:
     """Load a protloc checkpoint onto the CPU without unpickling anything but plain data."""
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols; the verdict below says enough
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ProtlocError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ProtlocError(f"{path}: is a directory, not a checkpoint") from None
-    except pickle.UnpicklingError as e:  # weights_only refused a global: the file wants to run code
-        reason = str(e).splitlines()[0] if str(e) else "unsupported object"
-        raise ProtlocError(f"{path}: refused to load: it holds objects other than tensors and plain data ({reason})") from None
-    except Exception as e:  # a torch file cut short or not a torch file at all fails in many ways
-        raise ProtlocError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    ckpt = read_weights_file(path)
+    if not is_protloc(ckpt):
         raise ProtlocError(f"{path}: not a protloc checkpoint (no 'format': 'protloc' entry)")
+    return _check_version(ckpt, path)
+
+
+def is_protloc(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def _check_version(ckpt: dict, path) -> dict:
     if ckpt.get("version", 0) > VERSION:
         raise ProtlocError(f"{path}: checkpoint version {ckpt['version']} is newer than this protloc reads ({VERSION})")
     return ckpt
@@ -70,17 +65,33 @@ def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def model_from_checkpoint(path) -> tuple[VisionTransformer, dict]:
-    """The backbone stored in a checkpoint (the teacher's, for a pretraining run) and the checkpoint."""
-    ckpt = load_checkpoint(path)
-    if "model" not in ckpt:  # e.g. a classification head trained on an embeddings file
-        raise ProtlocError(f"{path}: holds no backbone weights")
-    try:
-        config = ViTConfig.from_dict(ckpt["config"])
-    except (KeyError, TypeError) as e:
-        raise ProtlocError(f"{path}: checkpoint config is unusable ({e})") from None
+def model_from_checkpoint(path, model_channels: list[str] | None = None) -> tuple[VisionTransformer, dict]:
+    """The backbone stored in a checkpoint (the teacher's, for a pretraining run) and the checkpoint.
+
+    Foreign checkpoints (DINO, DINO4Cells, timm-style, safetensors; protloc.foreign) load too: their
+    architecture is read off the weights and the returned dict is {"foreign": what it was}.
+    `model_channels` names (or renames) a fused model's input channels."""
+    obj = read_weights_file(path)
+    if is_protloc(obj):
+        ckpt = _check_version(obj, path)
+        if "model" not in ckpt:  # e.g. a classification head trained on an embeddings file
+            raise ProtlocError(f"{path}: holds no backbone weights")
+        try:
+            config = ViTConfig.from_dict(ckpt["config"])
+        except (KeyError, TypeError) as e:
+            raise ProtlocError(f"{path}: checkpoint config is unusable ({e})") from None
+        state = ckpt["model"]
+        if model_channels is not None and config.layout == "fused":
+            if len(model_channels) != len(config.channels):
+                raise ProtlocError(f"{path}: the backbone takes {len(config.channels)} channel(s) "
+                                   f"({', '.join(config.channels)}), not the {len(model_channels)} named: {', '.join(model_channels)}")
+            config.channels = list(model_channels)
+    else:
+        state, kind = backbone_state(obj, path)
+        config = infer_config(state, path, list(model_channels) if model_channels else None)
+        ckpt = {"foreign": kind}
     model = VisionTransformer(config)
-    load_weights(model, ckpt["model"], str(path))
+    load_weights(model, state, str(path))
     return model, ckpt
 
 

@@ -13,7 +13,9 @@ A MODEL is a protloc checkpoint (protloc.checkpoint: plain tensors and data only
       classes          class names, in output order
       multilabel       a sigmoid per class (predicted at >= 0.5) instead of a softmax
       views            how images become model inputs (size, normalize, pool, tile, stride,
-                       aggregate, channels, channel_suffixes, z): predict's defaults
+                       aggregate, channels, channel_suffixes, z, and for single cells the masks
+                       it was trained with, cell_size, mask_outside, border): predict's defaults
+                       (the masks excepted)
       backbone         the backbone the head was trained on (for a fine-tuned one: its start):
                        {"included": true, "fine_tuned", "weights", "sha256", ...}, or for a head
                        trained on an embeddings file, from the file's meta: {"included": false,
@@ -47,7 +49,8 @@ from protloc.output import atomic_path
 
 log = logging.getLogger(__name__)
 
-VIEW_KEYS = ("size", "normalize", "pool", "tile", "stride", "aggregate", "channels", "channel_suffixes", "z")
+VIEW_KEYS = ("size", "normalize", "pool", "tile", "stride", "aggregate", "channels", "channel_suffixes", "z",
+             "cells", "cell_size", "mask_outside", "border", "channel_strategy")
 
 
 def backbone_reference(meta: dict) -> dict:
@@ -120,8 +123,9 @@ def load_classifier(path) -> Classifier:
                       ckpt, str(path))
 
 
-def resolve_backbone(clf: Classifier, backbone_path=None) -> tuple[VisionTransformer, dict]:
-    """The backbone whose embeddings the head takes, and meta describing it (as embed's)."""
+def resolve_backbone(clf: Classifier, backbone_path=None, model_channels=None) -> tuple[VisionTransformer, dict]:
+    """The backbone whose embeddings the head takes, and meta describing it (as embed's).
+    `model_channels` names a foreign backbone's input channels (as at training)."""
     ref, src = clf.backbone_ref, clf.source
     if ref.get("included"):
         if backbone_path is not None:
@@ -148,7 +152,7 @@ def resolve_backbone(clf: Classifier, backbone_path=None) -> tuple[VisionTransfo
         elif got != want:
             raise ProtlocError(f"{path}: not the backbone {src} was trained on (sha256 {got[:12]}..., "
                                f"expected {want[:12]}...)")
-        model, _ = model_from_checkpoint(path)
+        model, _ = model_from_checkpoint(path, model_channels)
         meta = {"weights": str(path), "sha256": got}
     if model.dim != clf.dim:
         raise ProtlocError(f"{src}: the head takes {clf.dim}-d embeddings, the backbone makes {model.dim}-d ones")

@@ -3,8 +3,8 @@
 The pipeline for one image (runs in loader worker processes, one image in memory each):
 
     read (tiff.py) -> select/name channels -> per-channel normalization statistics
-                   -> views: the image, or its --tile tiles (tiles.py); each resized to --size
-                      (or kept at native size) -> Items
+                   -> views: the image, its --tile tiles (tiles.py) or its --cells cells
+                      (cells.py); each resized to --size (or kept at native size) -> Items
 
 Normalization is expressed as a per-(image, channel) affine map `x * scale + shift`, computed
 on the full-resolution image and applied by the patch-embedding kernel, so raw uint8/uint16
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protloc.channel_map import apply_plan, plan_channels
+from protloc.cells import cell_id, cut_cells, find_mask, read_mask
 from protloc.channels import select_channels
 from protloc.errors import ProtlocError
 from protloc.sources import Source, read_source
@@ -80,13 +82,20 @@ class ViewOptions:
     size: int | None = None  # resize each view to size x size; None keeps the native size
     tile: int | None = None  # cut each image into tile x tile tiles (tiles.py); None: the whole image
     stride: int | None = None  # step between tiles; None: the tile size
+    cells: str | None = None  # --cells MASKS: one view per cell of the image's mask (cells.py); None: no cells
+    cell_size: int = 128  # the square crop around each cell's centroid
+    mask_outside: bool = False  # zero the crop's pixels that are not of the cell
+    border: str = "skip"  # a cell cut by the image border: skip it, or pad its crop (cells.BORDERS)
     normalize: str = "image"
     channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
     z: str = "max"
     axes: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
-    model_channels: tuple[str, ...] | None = None  # a fused-layout model: exactly this many channels
+    model_channels: tuple[str, ...] | None = None  # a fused-layout model: the slots to fill (channel_map.py)
     known_channels: tuple[str, ...] | None = None  # a channel-layout model: names it has embeddings for
+    channel_strategy: str = "natural"  # how image channels fill model_channels (channel_map.STRATEGIES)
+    fill: str = "zero"  # what fills a slot no image channel goes to
+    strategy_seed: int = 0  # the random strategy's permutation
 
 
 @dataclass
@@ -98,20 +107,19 @@ class Item:
     shift: np.ndarray | None = None  # (C,)
     channel_names: tuple[str, ...] = ()
     error: str | None = None  # set instead of pixels when the image could not be used
-    tile: int | None = None  # K of a tile view (its id ends in #tile=K); None for a whole image
-    origin: tuple[int, int] | None = None  # (y, x) of a tile's top-left corner in its image
+    view: int | None = None  # the position of a tile or cell view among its image's views; None: the whole image
+    meta: dict | None = None  # where the view lies in its image: a tile's origin, a cell's (cells.py)
+    channel_map: str | None = None  # which image channel fills which model slot (ChannelPlan.describe)
 
     @property
     def first_view(self) -> bool:
-        """The image's whole view or its first tile: counts the image once."""
-        return self.tile is None or self.tile == 0
+        """The image's whole view or its first tile or cell: counts the image once."""
+        return self.view is None or self.view == 0
 
 
 def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
-    """The image's channels must fit the model: per image, so the error names the file."""
-    want = opts.model_channels
-    if want is not None and len(names) != len(want):
-        raise ProtlocError(f"{source}: has {len(names)} channel(s), the model takes {len(want)} ({', '.join(want)})")
+    """A channel-layout model must know the image's channels: per image, so the error names the file.
+    (A fused-layout model's slots are filled by the channel strategy, which checks its own case.)"""
     if opts.known_channels is not None:
         unknown = [n for n in names if n not in opts.known_channels]
         if unknown:
@@ -130,30 +138,56 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
         if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
             raise ProtlocError(f"{source.id}: contains NaN or infinite pixel values")
         scale, shift = normalization(pixels, opts.normalize)
-        if opts.size is not None and opts.tile is None:  # tiles are resized one by one (views)
+        channel_map = None
+        if opts.model_channels is not None:  # a fused-layout model: fill its input slots
+            plan = plan_channels(opts.channel_strategy, tuple(names), opts.model_channels, opts.fill,
+                                 opts.strategy_seed, source.id)
+            pixels, scale, shift = apply_plan(plan, pixels, scale, shift)
+            names, channel_map = plan.model_channels, plan.describe()
+        if opts.size is not None and opts.tile is None and opts.cells is None:  # views are resized one by one
             pixels = resize(pixels, opts.size)
-        return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names))
+        return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names),
+                    channel_map=channel_map)
     except ProtlocError as e:
         return Item(index, source.id, error=str(e))
 
 
 def views(item: Item, opts: ViewOptions) -> list[Item]:
-    """The model inputs of one loaded image: itself, or its tiles (each with the whole image's
-    normalization, resized to opts.size when given). A failed item passes through."""
-    if opts.tile is None or item.error is not None:
+    """The model inputs of one loaded image: itself, its tiles or its cells (each with the whole
+    image's normalization, resized to opts.size when given). A failed item passes through; an
+    image without views (smaller than a tile, no usable cell, no mask) becomes a failed item."""
+    if (opts.tile is None and opts.cells is None) or item.error is not None:
         return [item]
+    try:
+        cuts = _tiles(item, opts) if opts.tile is not None else _cells(item, opts)
+    except ProtlocError as e:
+        return [Item(item.index, item.id, error=str(e))]
+    return [Item(item.index, view_id, np.ascontiguousarray(resize(pixels, opts.size) if opts.size else pixels),
+                 item.scale, item.shift, item.channel_names, view=k, meta=meta, channel_map=item.channel_map)
+            for k, (view_id, pixels, meta) in enumerate(cuts)]
+
+
+def _tiles(item: Item, opts: ViewOptions) -> list[tuple[str, np.ndarray, dict]]:
+    """(id, pixels, meta) of each tile of the image."""
     _, height, width = item.pixels.shape
     origins = tile_origins(height, width, opts.tile, opts.stride)
     if not origins:
-        return [Item(item.index, item.id, error=f"{item.id}: image of {height}x{width} pixels is smaller "
-                                                f"than one {opts.tile}x{opts.tile} tile (--tile)")]
-    out = []
-    for k, (y, x) in enumerate(origins):
-        pixels = item.pixels[:, y:y + opts.tile, x:x + opts.tile]
-        pixels = resize(pixels, opts.size) if opts.size is not None else pixels
-        out.append(Item(item.index, tile_id(item.id, k), np.ascontiguousarray(pixels), item.scale, item.shift,
-                        item.channel_names, tile=k, origin=(y, x)))
-    return out
+        raise ProtlocError(f"{item.id}: image of {height}x{width} pixels is smaller than one "
+                           f"{opts.tile}x{opts.tile} tile (--tile)")
+    return [(tile_id(item.id, k), item.pixels[:, y:y + opts.tile, x:x + opts.tile], {"origin": [y, x]})
+            for k, (y, x) in enumerate(origins)]
+
+
+def _cells(item: Item, opts: ViewOptions) -> list[tuple[str, np.ndarray, dict]]:
+    """(id, pixels, meta) of each cell of the image's mask, ascending by label."""
+    path = find_mask(item.id, opts.cells)
+    mask = read_mask(path, item.pixels.shape[1:], item.id, opts.max_pixels)
+    cells = cut_cells(item.pixels, mask, opts.cell_size, opts.mask_outside, opts.border)
+    if not cells:
+        why = f"fits a {opts.cell_size}x{opts.cell_size} crop inside the image (--border skip)" if mask.any() \
+            else "(the mask is all 0)"
+        raise ProtlocError(f"{item.id}: no cell of {path} {why}")
+    return [(cell_id(item.id, c.label), c.pixels, c.meta) for c in cells]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -171,7 +205,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class ViewDataset(ImageDataset):
-    """The views (whole image or tiles) of each image, cut in the worker that decoded it."""
+    """The views (whole image, tiles or cells) of each image, cut in the worker that decoded it."""
 
     def __getitem__(self, index):
         return views(super().__getitem__(index), self.opts)
@@ -184,8 +218,9 @@ class Batch:
     scale: torch.Tensor  # (B, C) float32
     shift: torch.Tensor  # (B, C) float32
     channel_names: tuple[str, ...]
-    origins: list[tuple[int, int] | None]  # per row: a tile's (y, x), None for a whole image
-    images: int  # images whose first view is in this batch (progress counts images, not tiles)
+    meta: list[dict | None]  # per row: where a tile or cell lies in its image (Item.meta); None for a whole image
+    images: int  # images whose first view is in this batch (progress counts images, not tiles or cells)
+    channel_maps: set[str]  # the channel plans of its rows (fused-layout models)
 
 
 def _collate(items: list[Item]) -> Batch:
@@ -193,7 +228,8 @@ def _collate(items: list[Item]) -> Batch:
     return Batch([it.id for it in items], torch.from_numpy(pixels),
                  torch.from_numpy(np.stack([it.scale for it in items])),
                  torch.from_numpy(np.stack([it.shift for it in items])), items[0].channel_names,
-                 [it.origin for it in items], sum(it.first_view for it in items))
+                 [it.meta for it in items], sum(it.first_view for it in items),
+                 {it.channel_map for it in items if it.channel_map})
 
 
 def usable(item: Item, on_error: str, skipped: list | None = None) -> bool:
@@ -227,7 +263,7 @@ def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None
 
 
 def loader(sources: list[Source], opts: ViewOptions, workers: int):
-    """Items (views: whole images or tiles) in input order, decoded by `workers` processes
+    """Items (views: whole images, tiles or cells) in input order, decoded by `workers` processes
     (0: in this process) ahead of use."""
     dataset = ViewDataset(sources, opts)
     if workers == 0:

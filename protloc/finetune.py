@@ -4,7 +4,7 @@ The study's two transfer protocols (arXiv 2604.10970):
 
 - frozen (`FrozenTask`): the backbone's embeddings are computed once (or read from an embeddings
   file); a head (protloc.head) is trained on them as tensors: AdamW, mini-batches, a fixed number
-  of epochs with early stopping on a validation split. Fast on a CPU.
+  of epochs, with early stopping when given a validation split. Fast on a CPU.
 - full fine-tuning (`FullTask`): backbone and head are trained together from images. Each step
   decodes a batch, cuts DINO's 2 global crops of every image at the view size with the
   pretraining augmentations (protloc.augment: random resized crop, flips and 90-degree rotations,
@@ -241,8 +241,8 @@ class FullTask:
         if normalize not in ("image", "percentile"):
             raise ProtlocError(f"full fine-tuning augments images normalized 'image' or 'percentile'; this backbone "
                                f"uses '{normalize}' (use --freeze)")
-        if view.tile is not None:
-            raise ProtlocError("--tile goes with --freeze (full fine-tuning trains on crops of whole images)")
+        if view.tile is not None or view.cells is not None:
+            raise ProtlocError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
         self.start, self.sources, self.rows, self.cfg = backbone, sources, rows, cfg
         self.device, self.workers = torch.device(device), workers
         # as in pretraining: the loader scales to ~0..1, augment.py standardizes each crop

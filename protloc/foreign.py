@@ -117,7 +117,8 @@ def infer_config(state: dict, path, channels: list[str] | None = None) -> ViTCon
         if channels is None:
             raise ProtlocError(f"{path}: a {in_chans}-channel backbone: name its channels with --model-channels")
     if len(channels) != in_chans:
-        raise ProtlocError(f"{path}: the backbone takes {in_chans} channel(s), --model-channels names {len(channels)}")
+        raise ProtlocError(f"{path}: the backbone takes {in_chans} channel(s), not the {len(channels)} named: "
+                           f"{', '.join(channels)}")
     return ViTConfig(arch=arch, patch=patch, layout="fused", channels=list(channels),
                      normalize="imagenet" if in_chans == 3 else "image", img_size=grid * patch,
                      depth=max(blocks) + 1)

@@ -10,6 +10,7 @@ the metric of the protein-localization literature.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -104,7 +105,8 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, multilabel: bool) -> tuple[f
     return float(f1), float(accuracy_score(y_true, y_pred))
 
 
-def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel: bool = False):
+def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel: bool = False,
+           class_names: list[str] | None = None):
     """Yield (train_indices, test_indices) of `folds`-fold cross-validation; each row is tested once.
 
     Single-label: stratified by class (StratifiedKFold), and with groups StratifiedGroupKFold, so
@@ -125,6 +127,12 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
     dummy = np.zeros((n, 1))
     if not multilabel:
         classes = np.asarray(y).argmax(1) if np.ndim(y) == 2 else np.asarray(y)
+        values, counts = np.unique(classes, return_counts=True)
+        if (counts < folds).any():  # scikit-learn's own warning says the same less clearly: ours replaces it
+            rare = ", ".join(f"{class_names[v] if class_names else v} ({c} row{'s' if c > 1 else ''})"
+                             for v, c in zip(values, counts) if c < folds)
+            log.warning("class(es) %s have fewer labelled rows than the %d folds: some test folds hold them "
+                        "while no training fold does, and a class with one row is never predicted right", rare, folds)
         if groups is None:
             it = StratifiedKFold(folds, shuffle=True, random_state=seed).split(dummy, classes)
         else:
@@ -138,7 +146,10 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
             splitter = GroupKFold(folds)
         it = splitter.split(dummy, groups=groups)
     try:
-        for train, test in it:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            folds_made = list(it)
+        for train, test in folds_made:
             if len(test) == 0:  # StratifiedGroupKFold can leave a fold empty with few, uneven groups
                 log.warning("a cross-validation fold has no test rows; skipped")
                 continue
@@ -203,7 +214,7 @@ def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, l
             results.append(KnnResult(k, f1, 0.0, acc, 0.0, [f1]))
         return results
 
-    fold_list = list(splits(y, matched.groups, folds, seed, matched.multilabel))
+    fold_list = list(splits(y, matched.groups, folds, seed, matched.multilabel, matched.classes))
     ks = _clip(ks, min(len(train) for train, _ in fold_list))
     f1s = {k: [] for k in ks}
     accs = {k: [] for k in ks}

@@ -2,14 +2,17 @@
 
 A labels CSV names images by `path` (relative to the CSV's folder, or absolute) or by `id`, gives
 each a `label` (several separated by `;` make the task multi-label) and optionally a `group`
-(the protein or gene: cross-validation never puts one group on both sides). Column names can be
-overridden, so existing tables work as they are, e.g. a yeast screen table with
+(the protein or gene: cross-validation never puts one group on both sides). A row may also name
+one tile or cell, `path#cell=K` (`id#cell=K`): a label of that row only (single-cell labels),
+where a plain `path` labels all rows of its image. Column names can be overridden, so existing
+tables work as they are, e.g. a yeast screen table with
 `id_column="protein_file", label_column="control_localization", group_column="gene"`.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 import re
@@ -30,7 +33,8 @@ DEFAULT_SUFFIXES = tuple(sorted(set(ALIASES) | set(VOCABULARY)))
 
 @dataclass
 class Labels:
-    keys: list[str]                 # per row: absolute normalized path ('path' column) or the id
+    keys: list[str]                 # per row: absolute normalized path ('path' column) or the id, then
+                                    # the row's #tile=K / #cell=K fragment if it names one view
     labels: list[tuple[str, ...]]   # per row: class names, sorted and unique
     groups: list[str] | None        # per row, or None without a group column
     classes: list[str]              # all class names, sorted
@@ -96,7 +100,8 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
         raw = (row.get(id_column) or "").strip()
         if not raw:
             raise ProtlocError(f"{src}: line {line}: empty '{id_column}'")
-        key = os.path.normpath(os.path.join(base, os.path.expanduser(raw))) if by_path else raw
+        path, fragment = split_fragment(raw)
+        key = os.path.normpath(os.path.join(base, os.path.expanduser(path))) + fragment if by_path else raw
         names = tuple(sorted({s.strip() for s in (row.get(label_column) or "").split(";") if s.strip()}))
         if not names:
             raise ProtlocError(f"{src}: line {line}: empty '{label_column}' for {raw}")
@@ -124,9 +129,29 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
                   multilabel=any(len(names) > 1 for names in labels), source=src, by_path=by_path)
 
 
+def split_fragment(id_: str) -> tuple[str, str]:
+    """`dir/a.tif#cell=3` -> (`dir/a.tif`, `#cell=3`); an id without a fragment -> (id, "")."""
+    m = FRAGMENT.search(id_)
+    return (id_[:m.start()], m.group()) if m else (id_, "")
+
+
 def strip_fragment(id_: str) -> str:
-    """`dir/a.tif#tile=3` -> `dir/a.tif`: a tile or cell carries its image's label."""
-    return FRAGMENT.sub("", id_)
+    """`dir/a.tif#tile=3` -> `dir/a.tif`: the image of a tile or cell row."""
+    return split_fragment(id_)[0]
+
+
+def images_of(labels: Labels) -> Labels:
+    """The labels as whole images: a view's key (`path#cell=K`) stands for its image, whose labels
+    are those of all its keys together. For choosing which images to read, not for training."""
+    united: dict[str, set] = {}
+    groups: dict[str, str] = {}
+    for i, key in enumerate(labels.keys):
+        image = strip_fragment(key)
+        united.setdefault(image, set()).update(labels.labels[i])
+        if labels.groups is not None:
+            groups.setdefault(image, labels.groups[i])
+    return dataclasses.replace(labels, keys=list(united), labels=[tuple(sorted(v)) for v in united.values()],
+                               groups=list(groups.values()) if labels.groups is not None else None)
 
 
 def strip_tiff_extension(path: str) -> str:
@@ -150,15 +175,16 @@ def _path_forms(key: str, suffixes: list[str]) -> set[str]:
 
 
 def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
-               channel_suffixes: list[str] | None = None) -> Matched:
+               channel_suffixes: list[str] | None = None, require_all: bool = True) -> Matched:
     """Find the labelled embedding rows.
 
     Matching rules:
     - An embedding id is written by `protloc embed`: a path, relative to `base_dir` (the working
       directory at embed time; default: the current one) or absolute, optionally followed by
-      `#tile=K` or `#cell=K`. The fragment is dropped for matching: an image's label covers all
-      its tiles and cells, so several rows can match one label.
-    - 'id' labels: the id (fragment dropped) must equal the label's id exactly.
+      `#tile=K` or `#cell=K`. A label naming that view (`path#cell=K`) matches it first; failing
+      that, the fragment is dropped: an image's label covers all its tiles and cells, so several
+      rows can match one label.
+    - 'id' labels: the id (with its fragment, then without) must equal the label's id exactly.
     - 'path' labels: absolute normalized paths are compared. Failing an exact match, the id with
       its TIFF extension (.tif/.tiff/.ome.tif/.ome.tiff, any case) removed may equal the label
       path with its TIFF extension removed, or with its extension and a trailing `_<suffix>`
@@ -166,8 +192,10 @@ def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
       `protloc.channels`, e.g. gfp, rfp, blue, green). This lets a one-file-per-channel image,
       whose id is the stem `dir/X` of `dir/X_gfp.tif` and `dir/X_rfp.tif`, match a CSV that
       lists either file.
-    - Every label must match some row (else ProtlocError naming the first few); embedding rows
-      without a label are ignored and counted in `unlabeled`.
+    - Every image label must match some row (else ProtlocError naming the first few; with
+      `require_all` False, as after images were skipped, they need not); a view label without a
+      row (a cell left out at the image border, say) is a warning. Embedding rows without a label
+      are ignored and counted in `unlabeled`.
     """
     suffixes = list(DEFAULT_SUFFIXES if channel_suffixes is None else channel_suffixes)
     base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
@@ -175,18 +203,23 @@ def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
     loose: dict[str, list[int]] = {}
     if labels.by_path:
         for i, key in enumerate(labels.keys):
-            for form in _path_forms(key, suffixes):
-                loose.setdefault(form, []).append(i)
+            path, fragment = split_fragment(key)
+            for form in _path_forms(path, suffixes):
+                loose.setdefault(form + fragment, []).append(i)
 
     rows, label_of_row = [], []
     used = np.zeros(len(labels.keys), dtype=bool)
     for r, id_ in enumerate(ids):
-        stripped = strip_fragment(str(id_))
-        if not labels.by_path:
-            hits = [exact[stripped]] if stripped in exact else []
-        else:
-            path = os.path.normpath(os.path.join(base, stripped))
-            hits = [exact[path]] if path in exact else loose.get(strip_tiff_extension(path), [])
+        stripped, fragment = split_fragment(str(id_))
+        hits = []
+        for f in ([fragment, ""] if fragment else [""]):  # the view's own label, then its image's
+            if not labels.by_path:
+                hits = [exact[stripped + f]] if stripped + f in exact else []
+            else:
+                path = os.path.normpath(os.path.join(base, stripped))
+                hits = [exact[path + f]] if path + f in exact else loose.get(strip_tiff_extension(path) + f, [])
+            if hits:
+                break
         if not hits:
             continue
         first = hits[0]
@@ -199,6 +232,11 @@ def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
         label_of_row.append(first)
 
     missing = np.flatnonzero(~used)
+    views = [i for i in missing if split_fragment(labels.keys[i])[1]]
+    if views:
+        log.warning("%s: %d labelled tile(s) or cell(s) have no embedding row (ignored), e.g. %s", labels.source,
+                    len(views), ", ".join(_shown(labels, i) for i in views[:3]))
+    missing = [i for i in missing if not split_fragment(labels.keys[i])[1]] if require_all else []
     if len(missing):
         n = len(missing)
         examples = ", ".join(_shown(labels, i) for i in missing[:5])

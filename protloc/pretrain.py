@@ -187,7 +187,8 @@ class Trainer:
             convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
             self.student, self.teacher = convert(self.student), convert(self.teacher)
         if init is not None and ckpt is None:
-            backbone, _ = model_from_checkpoint(init)
+            # a foreign backbone's input channels are the data's (in order); a protloc one must match them
+            backbone, _ = model_from_checkpoint(init, list(channels) if cfg.layout == "fused" else None)
             load_weights(self.student.backbone, backbone.state_dict(), init)
             self.teacher.load_state_dict(self.student.state_dict())
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)

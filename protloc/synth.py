@@ -17,7 +17,9 @@ the mean protein intensity of a field says nothing about its class; the confusab
 (nucleoplasm/nucleolus, mitochondria/vesicles/ER, Golgi/centrosome) stay confusable.
 
 Everything about field `index` comes from `SeedSequence([seed, index])` (its class from the seed and
-the protein), so a field is the same whatever `n` is.
+the protein), so a field is the same whatever `n` is. With `masks`, each field's cells are also
+written as a label image (uint16, 0 = background, the field's i-th cell = i + 1, one label per
+cell) to `masks/<field>.tif`, which `--cells OUT_DIR/masks` finds by name.
 """
 
 from __future__ import annotations
@@ -313,7 +315,17 @@ def _traits(rng):
                 grain=rng.uniform(0.1, 0.5), brightness=rng.lognormal(0, 0.5))
 
 
+def _label_image(cells, views, size):
+    """The field's cells as a label image: cell i is label i + 1 on the pixels it owns, 0 elsewhere."""
+    labels = np.zeros((size, size), np.uint16)
+    for i, (c, v) in enumerate(zip(cells, views)):
+        y0, y1, x0, x1 = c["box"]
+        labels[y0:y1, x0:x1][v["cell"]] = i + 1
+    return labels
+
+
 def _field(rng, label, size, channels, traits):
+    """(C, size, size) uint16 pixels and the (size, size) uint16 label image of the cells."""
     if label not in CLASSES:
         raise ProtlocError(f"unknown class {label!r}; known: {', '.join(CLASSES)}")
     if size < 32:
@@ -367,12 +379,12 @@ def _field(rng, label, size, channels, traits):
             photons *= 60000 / peak
         adu = crng.poisson(photons).astype(np.float32) * gain + OFFSET + crng.normal(0, read, photons.shape)
         out[ci] = np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
-    return out
+    return out, _label_image(cells, views, size)
 
 
 def synth_field(rng: np.random.Generator, label: str, size: int, channels: list[str]) -> np.ndarray:
     """One field of view: (C, size, size) uint16, several cells whose protein channel shows `label`."""
-    return _field(rng, label, size, channels, _traits(rng))
+    return _field(rng, label, size, channels, _traits(rng))[0]
 
 
 # ----------------------------------------------------------------------------- a data set on disk
@@ -399,8 +411,9 @@ def _atomic(path, write):
 
 
 def write_dataset(out_dir: str | os.PathLike, n: int, size: int = 256, channels: list[str] = ["nucleus", "protein"],
-                  seed: int = 0, fields_per_protein: int = 4, progress=None) -> list[dict]:
-    """Write n fields as OME-TIFF + labels.csv into out_dir (must exist or is created); returns the label rows."""
+                  seed: int = 0, fields_per_protein: int = 4, progress=None, masks: bool = False) -> list[dict]:
+    """Write n fields as OME-TIFF + labels.csv into out_dir (must exist or is created), and with
+    `masks` their cell label images into out_dir/masks; returns the label rows."""
     if n < 1:
         raise ProtlocError(f"n must be at least 1, got {n}")
     if size < 32:
@@ -409,20 +422,23 @@ def write_dataset(out_dir: str | os.PathLike, n: int, size: int = 256, channels:
         raise ProtlocError(f"fields_per_protein must be at least 1, got {fields_per_protein}")
     names = _check_channels(list(channels))
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "masks") if masks else out_dir, exist_ok=True)
     width = max(5, len(str(n - 1)))
     rows = []
     for i in range(n):
         k = i // fields_per_protein
         label = _protein_class(seed, k)
         traits = _traits(np.random.default_rng(np.random.SeedSequence([seed, k, 0x9207])))
-        img = _field(np.random.default_rng(np.random.SeedSequence([seed, i])), label, size, names, traits)
+        img, cells = _field(np.random.default_rng(np.random.SeedSequence([seed, i])), label, size, names, traits)
         rel = f"field_{i:0{width}d}.tif"
         # OME-XML wants a UUID per file; a random one would make equal images differ in bytes.
         uid = uuid.uuid5(uuid.NAMESPACE_URL, f"protloc-synth:{seed}:{i}:{size}:{','.join(names)}")
         meta = {"axes": "CYX", "Channel": {"Name": names}, "UUID": f"urn:uuid:{uid}"}
         _atomic(os.path.join(out_dir, rel), lambda tmp: tifffile.imwrite(
             tmp, img, ome=True, photometric="minisblack", compression="zlib", metadata=meta))
+        if masks:
+            _atomic(os.path.join(out_dir, "masks", rel), lambda tmp: tifffile.imwrite(
+                tmp, cells, photometric="minisblack", compression="zlib"))
         rows.append({"path": rel, "label": label, "group": f"prot_{k:04d}"})
         if progress is not None:
             progress(1)

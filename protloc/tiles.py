@@ -1,4 +1,5 @@
-"""Fields of view as tiles: where the tiles of an image lie, and one mean row per image.
+"""Fields of view as tiles: where the tiles of an image lie, and one mean row per image (of its
+tiles, or of its cells: protloc/cells.py).
 
 A large field (an OpenCell 1024 x 1024 projection) holds many cells; resizing it to the model's
 224 pixels would blur them away. `--tile T --stride S` cuts it instead into T x T tiles whose
@@ -9,14 +10,16 @@ neighbour, so every pixel is in some tile and every tile is full-size. An image 
 in either dimension has no tiles (an error for that image).
 
 Tiles are cut in the loader (protloc/data.py) from one decoded image at a time and carry their
-image's normalization statistics. `mean_over_tiles` turns the stream of tile rows back into one
-row per image (`--aggregate mean`); an image's tiles arrive consecutively, so it holds one
-running sum at a time.
+image's normalization statistics. `mean_per_image` turns the stream of tile (or cell) rows
+back into one row per image (`--aggregate mean`); an image's views arrive consecutively, so it
+holds one running sum at a time.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from protloc.labels import strip_fragment
 
 TILE_FRAGMENT = "#tile="
 AGGREGATIONS = ("mean",)
@@ -27,9 +30,8 @@ def tile_id(image_id: str, k: int) -> str:
 
 
 def image_id(row_id: str) -> str:
-    """`dir/a.tif#tile=3` -> `dir/a.tif`; an id without a tile fragment is returned as it is."""
-    head, sep, k = row_id.rpartition(TILE_FRAGMENT)
-    return head if sep and k.isdigit() else row_id
+    """`dir/a.tif#tile=3` (or `#cell=3`) -> `dir/a.tif`; an id without a fragment is returned as it is."""
+    return strip_fragment(row_id)
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -51,9 +53,9 @@ def tile_origins(height: int, width: int, tile: int, stride: int | None = None) 
     return [(y, x) for y in _starts(height, tile, stride) for x in _starts(width, tile, stride)]
 
 
-def mean_over_tiles(stream):
-    """(ids, vectors (B, D)) batches of tile rows -> (image ids, mean vectors) batches, one row per
-    image, in order. The tiles of an image must be consecutive (the loader yields them so)."""
+def mean_per_image(stream):
+    """(ids, vectors (B, D)) batches of tile or cell rows -> (image ids, mean vectors) batches, one
+    row per image, in order. The views of an image must be consecutive (the loader yields them so)."""
     current, total, count = None, None, 0
     for ids, vectors in stream:
         done_ids, done_rows = [], []

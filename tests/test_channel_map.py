@@ -64,7 +64,14 @@ def test_random_is_seeded_distinct_and_recorded():
 
 def test_natural_without_any_shared_name_says_what_to_do():
     with pytest.raises(ProtlocError, match="--channel-strategy replicate"):
-        plan_channels("natural", ("c0", "c1"), RGB, source="a.tif")
+        plan_channels("natural", ("dna", "tubb"), RGB, source="a.tif")
+
+
+def test_unnamed_channels_go_in_order_when_the_count_fits():
+    plan = plan_channels("natural", ("ch0", "ch1"), OPENCELL)
+    assert plan.slots == (0, 1) and plan.describe() == "nucleus<-ch0, protein<-ch1"
+    with pytest.raises(ProtlocError, match=r"a.tif: has 2 channel\(s\) without names"):
+        plan_channels("natural", ("ch0", "ch1"), RGB, source="a.tif")
 
 
 def test_identity_plan_changes_nothing(image):
@@ -72,3 +79,71 @@ def test_identity_plan_changes_nothing(image):
     out = apply_plan(plan, *image)
     assert all(a is b for a, b in zip(out, image))
     assert plan_channels("per-channel", OPENCELL, RGB).model_channels == OPENCELL  # embed splits the channels
+
+
+def test_embed_cli_with_a_foreign_rgb_backbone_under_every_strategy(tmp_path):
+    """An ImageNet-style 3-channel DINO backbone on 2-channel cells: each strategy runs, prints
+    its mapping on stderr and records it in the npz meta; per-channel gives D x C columns."""
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from protloc.cli import main
+    from protloc.model import ViTConfig, VisionTransformer
+    from protloc.synth import write_dataset
+
+    write_dataset(tmp_path / "cells", n=3, size=32, seed=0)
+    torch.manual_seed(0)
+    rgb = VisionTransformer(ViTConfig(arch="vit_tiny", patch=16, depth=1, channels=["a", "b", "c"]))
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in rgb.state_dict().items()}}, tmp_path / "dino.pth")
+    expected = {
+        "natural": "microtubules<-zero, protein<-protein, nucleus<-nucleus",
+        "replicate": "microtubules<-nucleus, protein<-protein, nucleus<-nucleus",
+        "per-channel": "per-channel: nucleus, protein, each into all 3 slots",
+    }
+    for strategy in ["natural", "replicate", "random", "per-channel"]:
+        out = tmp_path / f"{strategy}.npz"
+        result = CliRunner().invoke(main, ["embed", str(tmp_path / "cells"), "--weights", str(tmp_path / "dino.pth"),
+                                           "--channel-strategy", strategy, "--workers", "0", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        data = np.load(out)
+        meta = json.loads(str(data["meta"]))
+        plans = meta["channel_strategy"]["plans"]
+        assert len(plans) == 1 and f"channels ({strategy}): {plans[0]}" in result.stderr
+        if strategy in expected:
+            assert plans[0] == expected[strategy]
+        assert meta["foreign"].startswith("DINO training checkpoint")
+        assert data["embeddings"].shape == (3, 192 * (2 if strategy == "per-channel" else 1))
+
+
+def test_finetune_records_the_strategy_and_predict_inherits_it(tmp_path):
+    """A frozen head on a foreign backbone with --channel-strategy replicate: MODEL keeps the
+    strategy, and predict views the images the same way (the probabilities match a re-embed)."""
+    import torch
+    from click.testing import CliRunner
+
+    from protloc.cli import main
+    from protloc.model import ViTConfig, VisionTransformer
+    from protloc.synth import write_dataset
+
+    write_dataset(tmp_path / "cells", n=8, size=32, seed=0, fields_per_protein=1)
+    torch.manual_seed(0)
+    rgb = VisionTransformer(ViTConfig(arch="vit_tiny", patch=16, depth=1, channels=["a", "b", "c"]))
+    torch.save(rgb.state_dict(), tmp_path / "vit.pth")
+    run = lambda *args: CliRunner().invoke(main, [str(a) for a in args])  # noqa: E731
+    trained = run("finetune", tmp_path / "cells", "--labels", tmp_path / "cells" / "labels.csv", "--freeze",
+                  "--weights", tmp_path / "vit.pth", "--channel-strategy", "replicate", "--folds", "0",
+                  "--epochs", "3", "--workers", "0", "-o", tmp_path / "head.pt")
+    assert trained.exit_code == 0, trained.output
+    predicted = run("predict", tmp_path / "cells", "--weights", tmp_path / "head.pt", "--workers", "0")
+    assert predicted.exit_code == 0, predicted.output
+    embedded = run("embed", tmp_path / "cells", "--weights", tmp_path / "vit.pth", "--channel-strategy", "replicate",
+                   "--workers", "0", "-o", tmp_path / "rep.npz")
+    assert embedded.exit_code == 0, embedded.output
+    from_embeddings = run("predict", tmp_path / "rep.npz", "--weights", tmp_path / "head.pt")
+    assert from_embeddings.exit_code == 0, from_embeddings.output
+    assert predicted.stdout == from_embeddings.stdout and len(predicted.stdout.splitlines()) == 9
+    natural = run("predict", tmp_path / "cells", "--weights", tmp_path / "head.pt", "--workers", "0",
+                  "--channel-strategy", "natural")
+    assert natural.exit_code == 0 and natural.stdout != predicted.stdout  # the flag overrides the MODEL's

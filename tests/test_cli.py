@@ -61,6 +61,23 @@ def test_shell_pipe_writes_npy_rows_in_input_order(cells, tmp_path):
     assert "embedded 30 image(s)" in proc.stderr
 
 
+def test_embed_piped_into_knn(cells, tmp_path):
+    """`protloc embed ... | protloc knn - ...` through a real pipe: knn reads the .npy to EOF, which comes
+    when embed exits, after it wrote the ids; the scores are those of the same embeddings from a file."""
+    labels = tmp_path / "labels.csv"  # ungrouped: each class is one protein here, grouped folds would score 0
+    labels.write_text("path,label\n" + "".join(f"{cells / line.split(',')[0]},{line.split(',')[1]}\n"
+                                               for line in (cells / "labels.csv").read_text().splitlines()[1:]))
+    embed = f"{sys.executable} -m protloc embed {cells} {' '.join(RANDOM)} --depth 1 --ids ids.txt"
+    knn = f"{sys.executable} -m protloc knn - --ids ids.txt --labels {labels} -k 1,5 --folds 3"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{embed} | {knn}"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded 30 image(s)" in proc.stderr and "<stdin>: 30 labelled row(s)" in proc.stderr
+    assert run(["embed", cells, *RANDOM, "--depth", "1", "-o", tmp_path / "e.npz"]).exit_code == 0
+    from_file = run(["knn", tmp_path / "e.npz", "--labels", labels, "-k", "1,5", "--folds", "3"])
+    assert proc.stdout == from_file.stdout and float(proc.stdout.splitlines()[1].split()[1]) > 0
+
+
 def test_paths_on_stdin_and_npz_output(cells, tmp_path, checkpoint):
     files = sorted(cells.glob("*.tif"))[::-1][:5]  # stdin order, not sorted order, is the row order
     out = tmp_path / "e.npz"
@@ -225,3 +242,15 @@ def test_knn_ignores_unlabelled_rows_correctly(tmp_path):
     y = np.array([i % 2 for i in labelled])
     accuracy = float((y[sim.argmax(1)] == y).mean())
     assert result.stdout.strip().splitlines()[1].split()[4] == f"{accuracy:.3f}"
+
+
+def test_outputs_get_the_usual_file_mode(tmp_path):
+    from protloc.output import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            open(tmp, "wb").write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -119,8 +119,14 @@ def test_channels_are_checked_against_the_model_per_image(tmp_path):
     tifffile.imwrite(tmp_path / "a.ome.tif", np.zeros((2, 16, 16), np.uint16), ome=True,
                      metadata={"axes": "CYX", "Channel": {"Name": ["Hoechst", "mystery"]}})
     src = discover([str(tmp_path / "a.ome.tif")])[0]
-    fused = load_item(0, src, ViewOptions(model_channels=("nucleus", "protein", "er")))
-    assert fused.error.endswith("a.ome.tif: has 2 channel(s), the model takes 3 (nucleus, protein, er)")
+    fused = load_item(0, src, ViewOptions(model_channels=("nucleus", "protein", "er")))  # natural: by name
+    assert fused.error is None and fused.pixels.shape[0] == 3 and fused.channel_names == ("nucleus", "protein", "er")
+    assert fused.channel_map == "nucleus<-nucleus, protein<-zero, er<-zero"
+    assert not fused.scale[1:].any() and not fused.shift[1:].any()  # empty slots read as 0 after normalization
+    cycled = load_item(0, src, ViewOptions(model_channels=("nucleus", "protein", "er"), channel_strategy="replicate"))
+    assert cycled.channel_map == "nucleus<-nucleus, protein<-mystery, er<-nucleus"
+    foreign = load_item(0, src, ViewOptions(model_channels=("actin", "membrane")))
+    assert "a.ome.tif: no channel of the image (nucleus, mystery) is one of the model's" in foreign.error
     channelwise = load_item(0, src, ViewOptions(known_channels=("nucleus", "protein")))
     assert "mystery unknown to the model" in channelwise.error
     renamed = load_item(0, src, ViewOptions(channels=("nucleus", "protein"), known_channels=("nucleus", "protein")))

@@ -222,6 +222,8 @@ def test_head_on_embeddings_then_predict_round_trip(cells, emb, backbone, tmp_pa
     assert lines[0].split() == ["class", "F1"] and lines[-2].startswith("macro F1") and "2 folds x 2 seeds" in lines[-2]
     cv = json.loads(report.read_text())
     assert len(cv["runs"]) == 4 and cv["meta"]["grouped"] and cv["final"]["model"] == str(model)
+    # a frozen head trains all --epochs: no validation split unless asked for
+    assert cv["meta"]["val_fraction"] == 0 and all(r["n_val"] == 0 and r["epochs"] == 20 for r in cv["runs"])
     classes = sorted({line.split(",")[1] for line in (cells / "labels.csv").read_text().splitlines()[1:]})
     assert cv["classes"] == classes
 
@@ -300,6 +302,7 @@ def test_full_fine_tuning_smoke(cells, tmp_path):
     assert "fine-tuning random" in result.stderr and "macro F1" in result.stdout
     cv = json.loads(report.read_text())
     assert len(cv["runs"]) == 2 and all(1 <= r["best_epoch"] <= r["epochs"] <= 2 for r in cv["runs"])
+    assert cv["meta"]["val_fraction"] == 0.1 and all(r["n_val"] > 0 for r in cv["runs"])  # fine-tuning stops early
     ckpt = load_checkpoint(model)
     assert ckpt["classifier"]["backbone"]["fine_tuned"] and ckpt["config"]["depth"] == 1
     start = VisionTransformer(ViTConfig.from_dict(ckpt["config"]))

@@ -104,7 +104,7 @@ def test_channel_count_must_be_named_and_must_fit(tmp_path):
     state = backbone(in_chans=2).state_dict()
     with pytest.raises(ProtlocError, match="name its channels with --model-channels"):
         infer_config(state, "x.pth")
-    with pytest.raises(ProtlocError, match="takes 2 channel"):
+    with pytest.raises(ProtlocError, match="takes 2 channel.*not the 1 named: nucleus"):
         infer_config(state, "x.pth", ["nucleus"])
 
 
@@ -128,3 +128,27 @@ def test_unreadable_files(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(ProtlocError, match="no ViT weights found"):
         backbone_state(read_weights_file(tmp_path / "empty.pth"), "empty.pth")
+
+
+def test_model_from_checkpoint_takes_foreign_files_and_pretrain_init_continues_them(tmp_path):
+    from protloc.augment import MultiCropConfig
+    from protloc.checkpoint import model_from_checkpoint
+    from protloc.pretrain import PretrainConfig, Trainer
+    from protloc.sources import discover
+    from protloc.synth import write_dataset
+
+    torch.manual_seed(0)
+    teacher = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=1, channels=["nucleus", "protein"]))
+    path = tmp_path / "dino_checkpoint.pth"
+    torch.save(dino_training_checkpoint(teacher, teacher), path)
+    with pytest.raises(ProtlocError, match="name its channels with --model-channels"):
+        model_from_checkpoint(path)
+    model, ckpt = model_from_checkpoint(path, ["nucleus", "protein"])
+    assert "teacher" in ckpt["foreign"] and same_weights(model, teacher)
+
+    write_dataset(tmp_path / "cells", n=4, size=48, seed=0)
+    cfg = PretrainConfig(arch="vit_tiny", patch=8, depth=1, out_dim=32, batch_size=2, steps=1, freeze_last_layer=0.0,
+                         crops=MultiCropConfig(global_size=32, local_size=16, local_crops=0))
+    trainer = Trainer(discover([str(tmp_path / "cells")]), cfg, tmp_path / "continued.pt", workers=0, init=str(path))
+    assert torch.equal(trainer.student.backbone.pos_embed, teacher.pos_embed)  # started from the DINO teacher
+    trainer.run()

@@ -212,3 +212,14 @@ def test_table_and_json():
     assert side_by_side[0].index("dino.npz") == side_by_side[2].index("0.900")
     record = json.loads(json.dumps(results_to_json(results, {"folds": 2})))
     assert record["meta"] == {"folds": 2} and record["results"][1]["k"] == 20
+
+
+def test_a_class_with_fewer_rows_than_folds_is_a_clear_warning(caplog):
+    import warnings
+
+    y = np.array([0] * 10 + [1] * 10 + [2])  # class "rare" has one row
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's own UserWarning must not leak out
+        folds = list(splits(y, folds=5, class_names=["a", "b", "rare"]))
+    assert len(folds) == 5 and sorted(np.concatenate([t for _, t in folds])) == list(range(21))
+    assert "rare (1 row)" in caplog.text and "fewer labelled rows than the 5 folds" in caplog.text

@@ -14,7 +14,7 @@ from protloc.cli import main
 from protloc.data import ViewOptions, loader
 from protloc.sources import discover
 from protloc.synth import write_dataset
-from protloc.tiles import image_id, mean_over_tiles, tile_origins
+from protloc.tiles import image_id, mean_per_image, tile_origins
 
 RANDOM = ["--weights", "random", "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--workers", "0"]
 
@@ -58,12 +58,12 @@ def test_default_stride_is_the_tile_and_image_ids():
     assert image_id("d/a.tif#tile=12") == "d/a.tif" and image_id("d/a.tif") == "d/a.tif"
 
 
-def test_mean_over_tiles_across_batch_boundaries():
+def test_mean_per_image_across_batch_boundaries():
     rng = np.random.default_rng(0)
     ids = [f"a#tile={k}" for k in range(3)] + ["b#tile=0"] + [f"c#tile={k}" for k in range(4)]
     x = rng.normal(size=(len(ids), 5)).astype(np.float32)
     stream = [(ids[:2], x[:2]), (ids[2:5], x[2:5]), (ids[5:], x[5:])]
-    out = list(mean_over_tiles(iter(stream)))
+    out = list(mean_per_image(iter(stream)))
     got_ids = [i for batch, _ in out for i in batch]
     got = np.concatenate([v for _, v in out])
     assert got_ids == ["a", "b", "c"]
@@ -77,7 +77,7 @@ def test_loader_cuts_tiles_with_the_images_statistics(tmp_path):
     whole = next(loader(sources, ViewOptions(), workers=0))
     tiles = list(loader(sources, ViewOptions(tile=32, stride=16, size=16), workers=0))
     assert [t.id for t in tiles] == [f"{whole.id}#tile={k}" for k in range(4)]
-    assert [t.origin for t in tiles] == [(0, 0), (0, 16), (8, 0), (8, 16)]
+    assert [t.meta["origin"] for t in tiles] == [[0, 0], [0, 16], [8, 0], [8, 16]]
     assert all(t.pixels.shape == (2, 16, 16) for t in tiles)  # --size resizes each tile
     np.testing.assert_array_equal(tiles[0].scale, whole.scale)
     unresized = list(loader(sources, ViewOptions(tile=32, stride=16), workers=0))
