@@ -21,13 +21,7 @@ from protloc.synth import write_dataset
 TINY = ["--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: on a busy 2-core machine torch's second thread costs far more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(args, **kw):
