@@ -28,7 +28,8 @@ test-all: venv  # the slow tests too
 # pretraining (a CPU-sized recipe: vit_tiny/8 with 4 blocks, batch norm in the head, 64-px global crops, no local
 # crops, 600 steps), compared side by side by k-NN and by a linear head trained on the frozen embeddings
 # (`protloc finetune --freeze`, the study's frozen-backbone protocol): macro F1, 5 folds grouped by protein.
-# About 7 minutes on 2 cores.
+# 8 min 41 s on 2 cores shared with other jobs (OMP_NUM_THREADS=1 make demo; on a busy machine torch's second
+# thread waits for a busy core and the default 2 threads ran the pretraining 6x slower).
 TINY := --arch vit_tiny --patch 8 --depth 4
 demo: venv
 	rm -rf $(DEMO)/cells
