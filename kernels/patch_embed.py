@@ -150,10 +150,10 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs; fp32 stays exact
 
 
-def _shape(pixels, weight, channel_embed):
+def _shape(pixels, weight, channelwise: bool):
     B, C, H, W = pixels.shape
     D, Cg, p, _ = weight.shape
-    G = 1 if channel_embed is None else C
+    G = C if channelwise else 1
     if G * Cg != C:
         raise ValueError(f"a projection over {Cg} channel(s) cannot embed {C}-channel images in this layout")
     if p * p % 16:
@@ -162,7 +162,7 @@ def _shape(pixels, weight, channel_embed):
 
 
 def patch_embed_forward(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed, compute_dtype):
-    B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, channel_embed)
+    B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, channel_embed is not None)
     N, K = gh * gw, Cg * p * p
     out_dtype = torch.promote_types(compute_dtype, pos_embed.dtype)
     out = torch.empty(B, 1 + G * N, D, device=pixels.device, dtype=out_dtype)
@@ -183,7 +183,7 @@ def patch_embed_forward(pixels, scale, shift, weight, bias, pos_embed, cls_token
 
 def patch_embed_weight_grad(pixels, scale, shift, grad, weight, has_chan, compute_dtype):
     """d_weight (D, Cg, p, p) in fp32 from the pixels and d_out (B, 1 + G*N, D)."""
-    B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, torch.empty(0) if has_chan else None)
+    B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, has_chan)
     N, K = gh * gw, Cg * p * p
     M = B * G * N
     grad = grad.to(compute_dtype)
@@ -216,7 +216,7 @@ class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pixels, scale, shift, weight = ctx.saved_tensors
-        B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, torch.empty(0) if ctx.has_chan else None)
+        B, C, D, Cg, G, p, gh, gw = _shape(pixels, weight, ctx.has_chan)
         N = gh * gw
         d_weight = d_bias = d_pos = d_cls = d_chan = None
         if ctx.needs_input_grad[3]:

@@ -35,15 +35,14 @@ def gather_to_main(world: World, writer: RowWriter | None, info: dict) -> tuple[
     info) on rank 0, and (None, []) elsewhere. Every rank must call it."""
     if world.size == 1:
         return writer, [info]
-    widths = [None] * world.size
-    dist.all_gather_object(widths, writer.dim if writer is not None else 0)
-    dims = {d for d in widths if d}
+    shapes = [None] * world.size  # (rows, width) of every rank's writer
+    dist.all_gather_object(shapes, (writer.rows, writer.dim) if writer is not None else (0, 0))
+    rows = [n for n, _ in shapes]
+    dims = {d for _, d in shapes if d}
     if len(dims) > 1:
         raise ProtlocError(f"ranks made rows of different widths {sorted(dims)}: the images differ in channels "
                            "(--channel-strategy per-channel)")
     dim = dims.pop() if dims else 0
-    rows = [None] * world.size
-    dist.all_gather_object(rows, writer.rows if writer is not None else 0)
     infos = [None] * world.size if world.is_main else None
     dist.gather_object(info, infos, dst=0)
     if not world.is_main:
