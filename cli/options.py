@@ -22,9 +22,17 @@ def _set_debug(ctx, _param, value):
     return value
 
 
+class _LineFormatter(logging.Formatter):
+    """`protloc: warning: FILE: what` — one line per record, the level in lower case as in `protloc: error:`."""
+
+    def format(self, record):
+        message = " ".join(record.getMessage().split())  # a record never spans lines
+        return f"protloc: {record.levelname.lower()}: {message}"
+
+
 def _set_logging(ctx, _param, quiet):
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("protloc: %(levelname)s: %(message)s"))
+    handler.setFormatter(_LineFormatter())
     root = logging.getLogger("protloc")
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
