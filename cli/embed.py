@@ -49,7 +49,7 @@ def _check_output(output: str) -> None:
 @common
 @click.pass_context
 def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, tile, stride,
-                  aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, max_pixels,
+                  aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, series, max_pixels,
                   device, quiet):
     """Embed images: one vector per image (or per tile or cell), rows in input order.
 
@@ -74,7 +74,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
     opts = ViewOptions(size=size, tile=tile, stride=stride, cells=cells, cell_size=cell_size or 128,
                        mask_outside=bool(mask_outside), border=border or "skip", normalize=normalize or "image",
-                       channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels,
+                       channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                        channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed, model_channels=model_channels)

@@ -97,7 +97,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
                      seeds, seed, fraction, val_fraction, balance, epochs, patience, lr, weight_decay, batch_size,
                      backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells, cell_size,
                      mask_outside, border, channel_strategy, fill, model_channels, ids_path,
-                     id_column, label_column, group_column, json_path, force, channels, channel_suffixes, z, axes,
+                     id_column, label_column, group_column, json_path, force, channels, channel_suffixes, z, axes, series,
                      max_pixels, workers, on_error, device, quiet):
     """Train a localization classifier and cross-validate it: macro F1 mean ± std over folds x seeds.
 
@@ -165,7 +165,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         opts = ViewOptions(size=size if freeze else cfg.size, tile=tile, stride=stride, cells=cells,
                            cell_size=cell_size or 128, mask_outside=bool(mask_outside), border=border or "skip",
                            normalize=normalize or "image",
-                           channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels,
+                           channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                            channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
         model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
                                     seed=seed, model_channels=model_channels)

@@ -22,6 +22,23 @@ def _set_debug(ctx, _param, value):
     return value
 
 
+class _Once(logging.Filter):
+    """A warning is printed once per run: an image re-read every epoch, or by two passes, warns once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        if record.levelno != logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 class _LineFormatter(logging.Formatter):
     """`protloc: warning: FILE: what` — one line per record, the level in lower case as in `protloc: error:`."""
 
@@ -33,12 +50,12 @@ class _LineFormatter(logging.Formatter):
 def _set_logging(ctx, _param, quiet):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter())
+    handler.addFilter(_Once())
     root = logging.getLogger("protloc")
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
     root.propagate = False
-    # tifffile logs its own complaints about damaged files; our error line says what matters
-    logging.getLogger("tifffile").setLevel(logging.DEBUG if ctx.meta.get("protloc.debug") else logging.CRITICAL)
+    # tifffile's own records reach the user through the reader (protloc/tiff_messages.py), as errors or warnings
     ctx.meta["protloc.quiet"] = quiet
     return quiet
 
@@ -60,16 +77,25 @@ def _channel_names(_ctx, param, value):
 
 
 def data_options(f):
-    """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, limits,
-    decoding processes, and what a bad image does."""
+    """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, series,
+    limits, decoding processes, and what a bad image does."""
     f = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
                      help="A bad image stops the run (fail) or is reported on stderr and left out (skip).")(f)
     f = click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
                      help="Processes decoding TIFFs ahead of the model (0: decode in the main process).")(f)
     f = click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
                      help="Refuse images that declare more pixels than this (guards memory).")(f)
+    f = click.option("--series", type=click.IntRange(min=0), default=None, metavar="K",
+                     help="Read series K (0, 1, ...: tifffile's series) of files that hold several images (OME "
+                          "images, pyramids, shapes that differ). Default: the one series; pages saved one by one "
+                          "as one stack; else the first full-resolution series, with a warning naming the count.")(f)
     f = click.option("--axes", default=None, metavar="AXES",
-                     help="Override the axes of every file, e.g. ZCYX or YXC (default: from metadata or shape).")(f)
+                     help="Override the axes of every file, e.g. ZCYX or YXC. Default: from OME, ImageJ, "
+                          "Micro-Manager or tifffile axes metadata; without it, from the shape: Y, X are the one "
+                          "adjacent pair of dimensions at least 4x larger than every other one (none or several: "
+                          "an error asking for --axes); one other dimension is C (CYX or YXC; Z for RGB pages), "
+                          "two before Y, X are CZ if the first is <= 4 < the second, else ZC, one before and one "
+                          "after are ZYXC.")(f)
     f = click.option("--z", "z", type=click.Choice(Z_PROJECTIONS), default="max",
                      help="Projection of z-stacks over Z.")(f)
     f = click.option("--channel-suffixes", callback=lambda c, p, v: v.split(",") if v else None, metavar="A,B,..",

@@ -85,7 +85,7 @@ def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
 @common
 @click.pass_context
 def predict_command(ctx, data, weights, output, backbone_path, size, normalize, pool, tile, stride, aggregate,
-                    cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, ids_path, force, channels, channel_suffixes, z, axes, max_pixels, workers, on_error,
+                    cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, ids_path, force, channels, channel_suffixes, z, axes, series, max_pixels, workers, on_error,
                     device, quiet):
     """Predict localizations: a TSV with id, predicted class(es) (a;b for multi-label) and one
     probability column per class; rows in input order, one per image (per tile with --tile, per
@@ -144,7 +144,7 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
                        border=views.get("border") or "skip",
                        normalize=views["normalize"] or model.config.normalize,
                        channels=tuple(views["channels"]) if views["channels"] else None, z=views["z"] or "max",
-                       axes=axes, max_pixels=max_pixels, channel_strategy=strategy["strategy"], fill=strategy["fill"],
+                       axes=axes, series=series, max_pixels=max_pixels, channel_strategy=strategy["strategy"], fill=strategy["fill"],
                        strategy_seed=strategy["seed"])
     stats, rows = EmbedStats(), 0
     with _open_output(output) as out, tqdm(total=len(sources), unit="img", disable=not show_progress(ctx),

@@ -101,7 +101,7 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
                      freeze_last_layer, use_bn_in_head, momentum_teacher, teacher_temp, warmup_teacher_temp,
                      warmup_teacher_temp_epochs, global_size, local_size, local_crops, global_scale, local_scale,
                      channel_dropout, normalize, no_pack, checkpoint_every, log_path, workers, on_error, seed, force,
-                     channels, channel_suffixes, z, axes, max_pixels, device, quiet):
+                     channels, channel_suffixes, z, axes, series, max_pixels, device, quiet):
     """DINO self-supervised pretraining: a backbone that knows your cells, without labels.
 
     DATA: TIFF files, directories and - (paths on stdin). Runs on many GPUs or nodes with
@@ -134,7 +134,7 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
                              warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
                              warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, crops=crops,
                              pack=not no_pack, seed=seed)
-        view = ViewOptions(channels=tuple(channels) if channels else None, z=z, axes=axes, max_pixels=max_pixels)
+        view = ViewOptions(channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels)
         trainer = Trainer(sources, cfg, output, world=world, view=view, workers=workers, on_error=on_error,
                           resume=resume, init=init, checkpoint_every=checkpoint_every, log_path=log_path)
         total = trainer.schedules.total

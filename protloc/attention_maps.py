@@ -15,8 +15,7 @@ import math
 import numpy as np
 import torch
 
-from protloc.data import ViewOptions, load_item
-from protloc.errors import ProtlocError
+from protloc.data import ViewOptions, load_item, usable
 from protloc.model import VisionTransformer
 from protloc.sources import Source
 
@@ -59,8 +58,7 @@ def attention_maps(model: VisionTransformer, sources: list[Source], opts: ViewOp
     out = []
     for i, source in enumerate(sources):  # one at a time: images may differ in size, and there are few
         item = load_item(i, source, opts)
-        if item.error:
-            raise ProtlocError(item.error)
+        usable(item, "fail")  # its warnings logged, its error raised
         pixels = torch.from_numpy(item.pixels[None]).to(device)
         scale, shift = (torch.from_numpy(v[None]).to(device) for v in (item.scale, item.shift))
         attn = cls_attention(model, pixels, scale, shift, item.channel_names)[0].cpu()  # (heads, T)

@@ -90,6 +90,7 @@ class ViewOptions:
     channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
     z: str = "max"
     axes: str | None = None
+    series: int | None = None  # --series: which of a file's tifffile series (tiff.py); None: the default one
     max_pixels: int = DEFAULT_MAX_PIXELS
     model_channels: tuple[str, ...] | None = None  # a fused-layout model: the slots to fill (channel_map.py)
     known_channels: tuple[str, ...] | None = None  # a channel-layout model: names it has embeddings for
@@ -110,6 +111,7 @@ class Item:
     view: int | None = None  # the position of a tile or cell view among its image's views; None: the whole image
     meta: dict | None = None  # where the view lies in its image: a tile's origin, a cell's (cells.py)
     channel_map: str | None = None  # which image channel fills which model slot (ChannelPlan.describe)
+    warnings: tuple[str, ...] = ()  # what the reader noticed (`FILE: what`), logged by the main process (usable)
 
     @property
     def first_view(self) -> bool:
@@ -128,9 +130,11 @@ def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
 
 
 def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
-    """Read and prepare one image; a user-caused problem becomes Item.error, not an exception."""
+    """Read and prepare one image; a user-caused problem becomes Item.error, not an exception, and
+    the reader's warnings become Item.warnings (a loader worker never prints)."""
+    image = None
     try:
-        image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels)
+        image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels, series=opts.series)
         keep, names = select_channels(image.pixels.shape[0], image.channel_names,
                                       list(opts.channels) if opts.channels else None, source.id)
         check_channels(names, opts, source.id)
@@ -147,9 +151,9 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
         if opts.size is not None and opts.tile is None and opts.cells is None:  # views are resized one by one
             pixels = resize(pixels, opts.size)
         return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names),
-                    channel_map=channel_map)
+                    channel_map=channel_map, warnings=tuple(image.warnings))
     except ProtlocError as e:
-        return Item(index, source.id, error=str(e))
+        return Item(index, source.id, error=str(e), warnings=tuple(image.warnings) if image else ())
 
 
 def views(item: Item, opts: ViewOptions) -> list[Item]:
@@ -161,9 +165,10 @@ def views(item: Item, opts: ViewOptions) -> list[Item]:
     try:
         cuts = _tiles(item, opts) if opts.tile is not None else _cells(item, opts)
     except ProtlocError as e:
-        return [Item(item.index, item.id, error=str(e))]
+        return [Item(item.index, item.id, error=str(e), warnings=item.warnings)]
     return [Item(item.index, view_id, np.ascontiguousarray(resize(pixels, opts.size) if opts.size else pixels),
-                 item.scale, item.shift, item.channel_names, view=k, meta=meta, channel_map=item.channel_map)
+                 item.scale, item.shift, item.channel_names, view=k, meta=meta, channel_map=item.channel_map,
+                 warnings=item.warnings if k == 0 else ())  # the image's warnings, once
             for k, (view_id, pixels, meta) in enumerate(cuts)]
 
 
@@ -233,8 +238,12 @@ def _collate(items: list[Item]) -> Batch:
 
 
 def usable(item: Item, on_error: str, skipped: list | None = None) -> bool:
-    """Whether an item can be used. A failed item raises ProtlocError (on_error="fail"), or is
-    logged, appended to `skipped` as (id, message) and left out (on_error="skip")."""
+    """Whether an item can be used, logging its warnings first: every consumer of items passes
+    them through here, in the main process and in input order. A failed item raises ProtlocError
+    (on_error="fail"), or is logged, appended to `skipped` as (id, message) and left out
+    (on_error="skip")."""
+    for warning in item.warnings:
+        log.warning("%s", warning)
     if item.error is None:
         return True
     if on_error == "fail":

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from protloc.channels import canonical
-from protloc.data import ViewOptions, load_item
+from protloc.data import ViewOptions, load_item, usable
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
 from protloc.labels import match_rows, read_labels, split_fragment
@@ -229,8 +229,7 @@ def read_view(emb: Embeddings, row: int) -> tuple[np.ndarray, list[str]]:
     opts = ViewOptions(normalize="none", channels=tuple(meta["channels"]) if meta.get("channels") else None,
                        z=meta.get("z") or "max")
     item = load_item(0, source, opts)
-    if item.error:
-        raise ProtlocError(item.error)
+    usable(item, "fail")  # its warnings logged, its error raised
     pixels = item.pixels.astype(np.float32)
     if fragment.startswith("#tile=") and meta.get("tile_origins"):
         (y, x), t = meta["tile_origins"][row], meta["tile"]

@@ -3,8 +3,11 @@
 DATA is any mix of TIFF files, directories (searched recursively, sorted, hidden entries
 skipped) and `-` (paths read from stdin, one per line). Each image becomes a `Source`: usually
 one file, or, with `--channel-suffixes gfp,rfp`, the files `X_gfp.tif` and `X_rfp.tif` grouped
-into one image `X` whose channels are named from the suffixes. Discovery only lists files; the
-pixels are read later, one image at a time, by `read_source`.
+into one image `X` whose channels are named from the suffixes. A multi-file OME-TIFF is one
+image: its companion files are left out when the master file that reads them is an input (a
+BinaryOnly companion whose MetadataFile is given, or a file whose planes an earlier input's
+OME-XML already names). Discovery only lists files (and reads the first IFD of `.ome.tif`
+files); the pixels are read later, one image at a time, by `read_source`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TextIO
 
 from protloc.channels import canonical
 from protloc.errors import ProtlocError
+from protloc.ome import OME_SUFFIXES, read_ome_xml
 from protloc.tiff import DEFAULT_MAX_PIXELS, Image, read_channel_files, read_tiff
 
 TIFF_SUFFIXES = (".tif", ".tiff")  # case-insensitive; covers .ome.tif / .ome.tiff
@@ -46,6 +50,7 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
                 files.setdefault(f, None)
     if not files:
         raise ProtlocError("no input images given (stdin listed no paths)")
+    files = dict.fromkeys(_without_companions(list(files)))
     suffixes = [s.strip().lstrip("_") for s in channel_suffixes or [] if s.strip().lstrip("_")]
     if not suffixes:
         return [Source(f, (f,), None) for f in files]
@@ -53,11 +58,11 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
 
 
 def read_source(src: Source, z: str = "max", axes: str | None = None,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+                max_pixels: int = DEFAULT_MAX_PIXELS, series: int | None = None) -> Image:
     """Read the pixels of one source as a (C, Y, X) image."""
     if src.channel_names is None:
-        return read_tiff(src.files[0], z, axes, max_pixels)
-    image = read_channel_files(src.id, list(src.files), z, axes, max_pixels)
+        return read_tiff(src.files[0], z, axes, max_pixels, series)
+    image = read_channel_files(src.id, list(src.files), z, axes, max_pixels, series)
     image.channel_names = list(src.channel_names)
     return image
 
@@ -79,10 +84,28 @@ def _expand(path: str) -> list[str]:
     return [os.path.normpath(path)]
 
 
+def _without_companions(files: list[str]) -> list[str]:
+    """The files less the companions of multi-file OME-TIFFs whose master is read (see the module doc)."""
+    given = set(files)
+    kept, covered = [], set()
+    for f in files:
+        ome = read_ome_xml(f)
+        if ome is not None:
+            master = ome.master()
+            if master is not None and master in given:
+                continue  # pixels only: its master reads them
+            if master is None:
+                if f in covered:
+                    continue  # an earlier input's OME-XML already reads its planes
+                covered.update(ome.files())
+        kept.append(f)
+    return kept
+
+
 def _split_name(path: str) -> tuple[str, str]:
     """'d/X_gfp.ome.tif' -> ('d/X_gfp', '.ome.tif')."""
     lower = path.lower()
-    for ext in (".ome.tif", ".ome.tiff") + TIFF_SUFFIXES:
+    for ext in OME_SUFFIXES + TIFF_SUFFIXES:
         if lower.endswith(ext):
             return path[: -len(ext)], path[-len(ext):]
     return os.path.splitext(path)

@@ -1,40 +1,45 @@
-"""Streaming TIFF reader: any common microscopy TIFF layout -> one (C, Y, X) image.
+"""Streaming TIFF reader: any common microscopy TIFF -> one (C, Y, X) image, read as the file
+means it, or refused with one line that names the file.
 
 Microscopy TIFFs come in many shapes: a plain 2-D plane, a channel stack, an RGB picture, a
-z-stack of channels (OME-TIFF, ImageJ hyperstack, tifffile's own shaped files), or a MicroManager
-acquisition whose pages are channel x z and only the per-page metadata says which is which.
-`read_tiff` finds the axes (metadata first, the shape otherwise), projects Z away (max, mean or
-the middle slice) and returns one channels-first array. Multi-page stacks are projected page by
-page, so a large z-stack never sits in memory whole; only one file is read at a time and
-nothing is cached.
+z-stack of channels (OME-TIFF, ImageJ hyperstack, tifffile's own shaped files), a multi-file
+OME-TIFF whose planes lie in companion files, or a Micro-Manager acquisition whose pages are
+channel x z and only the per-page metadata says which is which. `read_tiff`:
 
-Every failure a user can cause (a missing, truncated, empty or non-TIFF file, a time series, an
-image larger than --max-pixels) becomes one `ProtlocError` line that names the file.
+- picks what to read: the one tifffile series; pages saved one by one (one series per page, as
+  append mode and scikit-image write them) as one stack; of several real series (OME images,
+  pyramids, shapes that differ) `series` K, by default the first full-resolution one, with a
+  warning naming how many there are;
+- checks what the metadata declare against what the file holds (declared.py, micromanager.py)
+  and what tifffile said while reading (tiff_messages.py);
+- finds the axes (axes.py: trusted metadata first, the shape rule otherwise), projects Z away
+  (max, mean or the middle slice) and returns one channels-first array.
+
+Multi-page stacks are projected page by page, so a large z-stack never sits in memory whole; only
+one file (with its companions) is read at a time and nothing is cached. Every failure a user can
+cause becomes one `ProtlocError` line that names the file; warnings travel on `Image.warnings`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tifffile
 
+from protloc import declared, micromanager
+from protloc.axes import layout, trusted
 from protloc.errors import ProtlocError
+from protloc.ome import OmeXml
+from protloc.tiff_messages import TiffMessages
 
 log = logging.getLogger(__name__)
 
 Z_PROJECTIONS = ("max", "mean", "middle")
 DEFAULT_MAX_PIXELS = 1 << 28
-
-# tifffile axis letters -> what protloc does with them. S (samples, e.g. RGB) is a channel axis;
-# every other letter (Q, I, R, ...) is unknown and resolved by the shape rules.
-_ROLES = {"C": "C", "S": "C", "Z": "Z", "T": "T", "Y": "Y", "X": "X"}
-_AXES_LETTERS = set("CSZTYXQI")
-_MM_TAG = 51123  # MicroManagerMetadata, a JSON dict per page
 
 
 @dataclass
@@ -42,18 +47,21 @@ class Image:
     pixels: np.ndarray                 # (C, Y, X), uint8, uint16 or float32
     channel_names: list[str] | None    # names stored in the file (OME Channel Name), raw
     source: str                        # the path, or the stem of one-file-per-channel images
+    warnings: list[str] = field(default_factory=list)  # one line each, `FILE: what`, for the user
 
 
 def read_tiff(path, z: str = "max", axes: str | None = None,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+              max_pixels: int = DEFAULT_MAX_PIXELS, series: int | None = None) -> Image:
     """Read one TIFF as a (C, Y, X) image, Z projected with `z`; `axes` (e.g. "ZCYX") overrides
-    the file's metadata."""
+    the file's metadata, `series` picks one of tifffile's series (default: see the module doc).
+    Raises ProtlocError naming the file for anything the file does not hold as it declares."""
     path = os.fspath(path)
     if z not in Z_PROJECTIONS:
         raise ProtlocError(f"unknown z projection {z!r} (choose from {', '.join(Z_PROJECTIONS)})")
+    messages = TiffMessages(path)
     try:
-        with tifffile.TiffFile(path) as tif:
-            pixels, names = _read(tif, path, z, axes, max_pixels)
+        with messages.capture(), tifffile.TiffFile(path) as tif:
+            pixels, names, notes = _read(tif, path, z, axes, max_pixels, series, messages)
     except ProtlocError:
         raise
     except FileNotFoundError:
@@ -62,19 +70,21 @@ def read_tiff(path, z: str = "max", axes: str | None = None,
         raise ProtlocError(f"{path}: is a directory, not a TIFF file") from None
     except Exception as e:  # noqa: BLE001 - a damaged file can make any decoder raise anything
         log.debug("reading %s failed", path, exc_info=True)
+        messages.raise_errors()
         raise ProtlocError(f"{path}: not a readable TIFF ({_reason(e)})") from e
-    return Image(pixels, names, path)
+    messages.raise_errors()
+    return Image(pixels, names, path, notes + messages.warnings)
 
 
 def read_channel_files(stem: str, paths: list[str], z: str = "max", axes: str | None = None,
-                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
+                       max_pixels: int = DEFAULT_MAX_PIXELS, series: int | None = None) -> Image:
     """One single-channel file per channel (HPA `_blue/_green/...`), stacked in the given order.
     The caller names the channels (from the file suffixes), so `channel_names` is None."""
     if not paths:
         raise ProtlocError(f"{stem}: no channel files")
-    planes = []
+    planes, notes = [], []
     for p in paths:
-        img = read_tiff(p, z, axes, max_pixels)
+        img = read_tiff(p, z, axes, max_pixels, series)
         c, y, x = img.pixels.shape
         if c != 1:
             raise ProtlocError(f"{p}: has {c} channels, but each file of a one-file-per-channel "
@@ -84,91 +94,141 @@ def read_channel_files(stem: str, paths: list[str], z: str = "max", axes: str | 
             raise ProtlocError(f"{p}: is {y}x{x} pixels but {paths[0]} is {y0}x{x0}; the channel "
                                f"files of {stem} must have the same size")
         planes.append(img.pixels[0])
-    return Image(_convert(np.stack(planes), stem), None, stem)
+        notes += img.warnings
+    return Image(_convert(np.stack(planes), stem), None, stem, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# what to read
+
+
+@dataclass
+class _Planes:
+    """What is read of a file: the pages of one tifffile series, or one-page series stacked."""
+    pages: list             # TiffPage / TiffFrame / None per plane, in order
+    shape: tuple[int, ...]  # tifffile's (squeezed) shape and axis letters
+    letters: str
+    full_shape: tuple[int, ...]  # ... and unsqueezed, for --axes that name size-1 axes
+    full_letters: str
+    trusted: bool           # letters from real metadata (axes.py)
+    series: tifffile.TiffPageSeries  # the series (the first one of a stack)
+    index: int              # its position in tif.series
+    stacked: bool = False
+
+    @classmethod
+    def of(cls, series, index):
+        return cls(list(series), tuple(series.shape), series.axes, tuple(series.get_shape(False)),
+                   series.get_axes(False), trusted(series), series, index)
+
+    @classmethod
+    def stack(cls, all_series):
+        first = all_series[0]
+        return cls([s.keyframe for s in all_series], (len(all_series), *first.shape), "Q" + first.axes,
+                   (len(all_series), *first.get_shape(False)), "Q" + first.get_axes(False), trusted(first),
+                   first, 0, stacked=True)
+
+    def read(self, cache) -> np.ndarray:
+        """The whole array, of shape `full_shape`."""
+        if self.stacked:
+            return np.stack([_decode(p, cache).reshape(self.full_shape[1:]) for p in self.pages])
+        cache.open(self.series.keyframe.parent.filehandle)
+        return self.series.asarray().reshape(self.full_shape)
+
+
+def _saved_page_by_page(all_series) -> bool:
+    """Several one-page series of one shape and type from formats that start a series per write
+    (tifffile's append mode, scikit-image): one stack, not several images."""
+    first = all_series[0]
+    return len(all_series) > 1 and all(
+        s.kind in ("shaped", "generic", "uniform") and len(s) == 1 and s.shape == first.shape
+        and s.dtype == first.dtype and not s.keyframe.is_reduced for s in all_series)
+
+
+def _choose(tif, path, index) -> tuple[_Planes, list[str]]:
+    """The planes to read, and a warning when the file holds other series."""
+    all_series = tif.series
+    n = len(all_series)
+    if n == 0:
+        raise ProtlocError(f"{path}: holds no image")
+    if index is not None:
+        if not 0 <= index < n:
+            raise _no_series(path, index, n)
+        return _Planes.of(all_series[index], index), []
+    if _saved_page_by_page(all_series):
+        return _Planes.stack(all_series), []
+    k = next((i for i, s in enumerate(all_series) if not s.keyframe.is_reduced), 0)  # skip reduced levels
+    chosen = _Planes.of(all_series[k], k)
+    if n == 1:
+        return chosen, []
+    return chosen, [f"{path}: holds {n} image series; read series {k} (shape {chosen.shape}, axes "
+                    f"{chosen.letters}); choose another with --series K (0 to {n - 1})"]
+
+
+def _no_series(path, index, n):
+    return ProtlocError(f"{path}: has {n} image series (--series 0 to {n - 1}); there is no series {index}")
 
 
 # ---------------------------------------------------------------------------------------------
 # reading
 
 
-def _read(tif, path, z, axes, max_pixels):
-    """-> ((C, Y, X) array of a kept dtype, channel names or None)."""
+def _read(tif, path, z, axes, max_pixels, series, messages):
+    """-> ((C, Y, X) array of a kept dtype, channel names or None, warnings)."""
+    if tif.is_micromanager and not micromanager.has_header(tif):
+        messages.ignore(micromanager.PROBE)  # tifffile looks for a header this file never had
     if axes is None and tif.is_micromanager:
-        # MicroManager files often carry a broken summary that tifffile warns about; the
-        # per-page metadata is what we use, so the warnings are noise here.
-        with _quiet_tifffile():
-            pixels = _read_micromanager(tif, path, z, max_pixels)
-        if pixels is not None:
-            return _convert(pixels, path), None
-    series = tif.series[0]
-    shape, letters = tuple(series.shape), series.axes
+        planes = micromanager.page_planes(tif.pages, path, micromanager.summary(tif))
+        if planes is not None:  # one image, whatever tifffile's series say
+            if series not in (None, 0):
+                raise _no_series(path, series, 1)
+            messages.raise_errors()
+            return _convert(_read_micromanager(tif.pages, path, z, max_pixels, planes), path), None, []
+    ome = OmeXml.of(tif.pages.first.description, path) if tif.is_ome else None
+    if ome is not None:
+        declared.check_ome_files(ome, path)
+    if tif.is_shaped:
+        declared.check_shaped(tif, path)
+    chosen, notes = _choose(tif, path, series)
+    what = f"its {chosen.series.kind or 'TIFF'} metadata"
+    if tif.is_imagej:
+        declared.check_imagej(tif, chosen.series, path)
+    if ome is not None:
+        declared.check_ome_pages(tif, tif.series, path)
+        plane_count = ome.planes(chosen.index)
+        what = f"its OME-XML ({plane_count[1]})" if plane_count else "its OME-XML"
+    declared.check_planes(chosen.pages, path, what)
+    messages.raise_errors()  # a damaged file is named as such before its axes are guessed
+
+    shape, letters = chosen.shape, chosen.letters
     if axes is not None:
         letters = axes.strip().upper()
         if len(letters) != len(shape):
             # the user may name size-1 axes that tifffile squeezed away (ImageJ 'TZCYX' with T=1)
-            full = [(n, a) for n, a in zip(series.get_shape(False), series.get_axes(False))
-                    if n > 1 or a in letters]
+            full = [(n, a) for n, a in zip(chosen.full_shape, chosen.full_letters) if n > 1 or a in letters]
             if len(full) == len(letters):
                 shape = tuple(n for n, _ in full)
     _check_size(path, math.prod(shape), max_pixels)
-    roles = _layout(path, shape, letters, explicit=axes is not None)
-    pixels = _project_pages(series, shape, roles, z)
-    if pixels is None:  # pages do not map onto whole leading axes: read the series at once
-        data = series.asarray().reshape(shape)
-        pixels = _project_array(data, roles, z)
+    roles = layout(path, shape, letters, chosen.trusted, explicit=axes is not None)
+    cache = tifffile.FileCache()  # companion files of a multi-file OME-TIFF are reopened as needed
+    try:
+        pixels = _project_pages(chosen.pages, shape, roles, z, cache)
+        if pixels is None:  # pages do not map onto whole leading axes: read the series at once
+            pixels = _project_array(chosen.read(cache).reshape(shape), roles, z)
+    finally:
+        cache.clear()
     pixels = _convert(pixels, path)
-    return pixels, _ome_channel_names(tif, pixels.shape[0])
+    names = ome.channel_names(chosen.index, pixels.shape[0]) if ome is not None else None
+    return pixels, names, notes
 
 
-def _layout(path, shape, letters, explicit):
-    """One role per dimension: 'Z', 'C', 'Y', 'X', or '1' (size 1, squeezed away)."""
-    if explicit:
-        bad = sorted(set(letters) - _AXES_LETTERS)
-        if bad or len(letters) != len(shape):
-            why = f"unknown letter(s) {''.join(bad)}" if bad else f"the image has {len(shape)} dimensions {shape}"
-            raise ProtlocError(f"{path}: --axes {letters} does not fit: {why}")
-    elif len(letters or "") != len(shape):
-        letters = "Q" * len(shape)
-    roles = [_ROLES.get(a, "?") for a in letters]
-    for i, n in enumerate(shape):
-        if roles[i] == "T" and n > 1:
-            raise ProtlocError(f"{path}: has {n} time points; protloc reads one time point per file")
-        if n == 1 and roles[i] not in "YX":
-            roles[i] = "1"
-    unknown = [i for i, r in enumerate(roles) if r == "?"]
-    named_ok = roles.count("Y") == 1 and roles.count("X") == 1 and roles.count("Z") <= 1
-    if explicit and not named_ok:
-        raise ProtlocError(f"{path}: --axes {letters} must name Y and X once and Z at most once")
-    if named_ok and len(unknown) <= 1:
-        if not unknown:
-            return roles
-        # one unknown axis next to named ones ('QYX', 'ZQYX'): it is whichever of C, Z is missing
-        for missing in "CZ":
-            if missing not in roles:
-                roles[unknown[0]] = missing
-                return roles
-    return _shape_rules(path, shape)
-
-
-def _shape_rules(path, shape):
-    """Axes from the shape alone: YX; YXC (RGB-like: last <= 4 < first) or CYX; ZCYX, or CZYX
-    when dim0 <= 4 < dim1."""
-    dims = [i for i, n in enumerate(shape) if n != 1]
-    if len(dims) < 2:  # a 1-pixel-wide image: keep the last two dimensions as Y, X
-        dims = list(range(len(shape)))[-2:]
-    roles = ["1"] * len(shape)
-    sizes = [shape[i] for i in dims]
-    if len(dims) == 2:
-        named = "YX"
-    elif len(dims) == 3:
-        named = "YXC" if sizes[2] <= 4 < sizes[0] else "CYX"
-    elif len(dims) == 4:
-        named = "CZYX" if sizes[0] <= 4 < sizes[1] else "ZCYX"
-    else:
-        raise ProtlocError(f"{path}: cannot tell the axes of shape {tuple(shape)}; name them with --axes")
-    for i, r in zip(dims, named):
-        roles[i] = r
-    return roles
+def _decode(page, cache) -> np.ndarray:
+    """One page's pixels; its file (perhaps a companion that tifffile closed) opened through `cache`."""
+    fh = page.parent.filehandle
+    cache.open(fh)
+    try:
+        return page.asarray()
+    finally:
+        cache.close(fh)
 
 
 def _to_zcyx(a, roles):
@@ -191,12 +251,11 @@ def _project_array(data, roles, z):
     return proj.result()
 
 
-def _project_pages(series, shape, roles, z):
+def _project_pages(pages, shape, roles, z, cache):
     """Project page by page when the pages are exactly the leading (Z / C) axes, the common
     case for multi-page stacks; None when they are not (then the caller reads the series)."""
-    pages = series.pages
     n = len(pages)
-    if n < 2 or any(p is None for p in pages):
+    if n < 2:
         return None
     k = next((k for k in range(1, len(shape)) if math.prod(shape[:k]) == n), None)
     if k is None or any(r not in "ZC1" for r in roles[:k]) or "Z" in roles[k:]:
@@ -215,42 +274,27 @@ def _project_pages(series, shape, roles, z):
         if not proj.wants(zi):
             continue  # 'middle' decodes only the middle slice's pages
         ci = int(np.ravel_multi_index([idx[j] for j in c_dims], c_lead)) if c_dims else 0
-        block = _to_zcyx(page.asarray().reshape(page_shape), roles[k:])[0]
+        block = _to_zcyx(_decode(page, cache).reshape(page_shape), roles[k:])[0]
         for c in range(nc_page):
             proj.add(ci * nc_page + c, block[c])
     return proj.result()
 
 
-def _read_micromanager(tif, path, z, max_pixels):
-    """Pages grouped by ChannelIndex (in order of first appearance), projected over SliceIndex.
-    None when the pages lack the metadata (then the file is read like any other)."""
-    keys = []
-    for page in tif.pages:
-        tag = page.tags.get(_MM_TAG)
-        meta = tag.value if tag is not None else None
-        if not isinstance(meta, dict) or "SliceIndex" not in meta or len(page.shape) != 2:
-            return None
-        keys.append((meta.get("ChannelIndex"), int(meta["SliceIndex"]), meta.get("FrameIndex", 0)))
-    frames = {f for _, _, f in keys}
-    if len(frames) > 1:
-        raise ProtlocError(f"{path}: has {len(frames)} time points; protloc reads one time point per file")
-    if any(c is None for c, _, _ in keys):
-        # no ChannelIndex: a new channel starts whenever SliceIndex restarts at 0
-        channel, previous, restarted = -1, None, []
-        for _, s, _ in keys:
-            if previous is None or s <= previous:
-                channel += 1
-            previous = s
-            restarted.append(channel)
-        keys = [(c, s, f) for c, (_, s, f) in zip(restarted, keys)]
-    channels = list(dict.fromkeys(c for c, _, _ in keys))
-    y, x = tif.pages[0].shape
-    _check_size(path, len(keys) * y * x, max_pixels)
-    slices = {c: sorted({s for cc, s, _ in keys if cc == c}) for c in channels}
+def _read_micromanager(pages, path, z, max_pixels, planes=None):
+    """Pages grouped by channel (in order of first appearance), projected over z-slices; `planes`
+    is each page's (channel, slice) (micromanager.page_planes), None to find them here. None
+    when the pages lack the metadata."""
+    planes = planes if planes is not None else micromanager.page_planes(pages, path)
+    if planes is None:
+        return None
+    channels = list(dict.fromkeys(c for c, _ in planes))
+    y, x = pages[0].shape
+    _check_size(path, len(planes) * y * x, max_pixels)
+    slices = {c: sorted(s for cc, s in planes if cc == c) for c in channels}
     middle = {c: s[len(s) // 2] for c, s in slices.items()}
     has_z = any(len(s) > 1 for s in slices.values())
     proj = _Projection(z if has_z else "max", len(channels), 1)
-    for page, (c, s, _) in zip(tif.pages, keys):
+    for page, (c, s) in zip(pages, planes):
         if z == "middle" and s != middle[c]:
             continue
         plane = page.asarray()
@@ -306,24 +350,6 @@ def _convert(a, source):
     return np.ascontiguousarray(out)
 
 
-def _ome_channel_names(tif, n_channels):
-    """OME Channel Names of the first image, raw as stored; None unless one per channel."""
-    if not tif.is_ome or not tif.ome_metadata:
-        return None
-    try:
-        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-        image = image[0] if isinstance(image, list) else image
-        channels = image["Pixels"]["Channel"]
-    except (KeyError, IndexError, TypeError, ValueError) as e:  # malformed XML: just no names
-        log.debug("no OME channel names: %s", e)
-        return None
-    channels = channels if isinstance(channels, list) else [channels]
-    names = [c.get("Name") if isinstance(c, dict) else None for c in channels]
-    if len(names) != n_channels or any(n is None for n in names):
-        return None
-    return [str(n) for n in names]
-
-
 def _check_size(path, n_pixels, max_pixels):
     if max_pixels is not None and n_pixels > max_pixels:
         raise ProtlocError(f"{path}: declares {n_pixels:,} pixels, more than --max-pixels {max_pixels:,}")
@@ -333,14 +359,3 @@ def _reason(e):
     text = " ".join(str(e).split())
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-@contextlib.contextmanager
-def _quiet_tifffile():
-    logger = logging.getLogger("tifffile")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
