@@ -149,7 +149,7 @@ def _choose(tif, path, index) -> tuple[_Planes, list[str]]:
     all_series = tif.series
     n = len(all_series)
     if n == 0:
-        raise ProtlocError(f"{path}: holds no image")
+        raise ProtlocError(f"{path}: not a readable TIFF (no image in it)")
     if index is not None:
         if not 0 <= index < n:
             raise _no_series(path, index, n)
@@ -160,8 +160,8 @@ def _choose(tif, path, index) -> tuple[_Planes, list[str]]:
     chosen = _Planes.of(all_series[k], k)
     if n == 1:
         return chosen, []
-    return chosen, [f"{path}: holds {n} image series; read series {k} (shape {chosen.shape}, axes "
-                    f"{chosen.letters}); choose another with --series K (0 to {n - 1})"]
+    return chosen, [f"{path}: holds {n} image series; read series {k} (shape {chosen.shape}); "
+                    f"choose another with --series K (0 to {n - 1})"]
 
 
 def _no_series(path, index, n):

@@ -62,7 +62,7 @@ def test_yxc_four_samples(tmp_path):
 
 @pytest.mark.parametrize("kw", [{"metadata": {"axes": "CZYX"}}, {}])
 def test_czyx(tmp_path, kw):
-    data = rand((2, 5, 16, 16))  # unnamed: dim0 <= 4 < dim1 -> CZYX
+    data = rand((2, 5, 24, 24))  # unnamed: dim0 <= 4 < dim1 -> CZYX (both small next to Y, X)
     img = read_tiff(write(tmp_path, "a.tif", data, **kw))
     np.testing.assert_array_equal(img.pixels, data.max(1))
 
@@ -70,7 +70,7 @@ def test_czyx(tmp_path, kw):
 @pytest.mark.parametrize("kw", [{"metadata": {"axes": "ZCYX"}}, {}, {"ome": True, "metadata": {"axes": "ZCYX"}},
                                 {"imagej": True, "metadata": {"axes": "ZCYX"}}])
 def test_zcyx(tmp_path, kw):
-    data = rand((5, 2, 16, 16))
+    data = rand((5, 2, 24, 24))
     img = read_tiff(write(tmp_path, "a.tif", data, **kw))
     np.testing.assert_array_equal(img.pixels, data.max(0))
 
@@ -299,9 +299,9 @@ def test_micromanager_channels_inferred_from_slice_restarts():
     planes = rand((6, 8, 8))
     pages = [FakePage(planes[i], {"SliceIndex": i % 3}) for i in range(6)]
     tif = type("Tif", (), {"pages": pages})()
-    out = tiff_module._read_micromanager(tif, "mm.tif", "max", 10**6)
+    out = tiff_module._read_micromanager(tif.pages, "mm.tif", "max", 10**6)
     np.testing.assert_array_equal(out, np.stack([planes[:3].max(0), planes[3:].max(0)]))
-    out = tiff_module._read_micromanager(tif, "mm.tif", "middle", 10**6)
+    out = tiff_module._read_micromanager(tif.pages, "mm.tif", "middle", 10**6)
     np.testing.assert_array_equal(out, planes[[1, 4]])
 
 
@@ -310,12 +310,12 @@ def test_micromanager_channel_index_and_frames():
     metas = [{"SliceIndex": 0, "ChannelIndex": 1}, {"SliceIndex": 0, "ChannelIndex": 0},
              {"SliceIndex": 1, "ChannelIndex": 1}, {"SliceIndex": 1, "ChannelIndex": 0}]
     tif = type("Tif", (), {"pages": [FakePage(p, m) for p, m in zip(planes, metas)]})()
-    out = tiff_module._read_micromanager(tif, "mm.tif", "mean", 10**6)
+    out = tiff_module._read_micromanager(tif.pages, "mm.tif", "mean", 10**6)
     np.testing.assert_allclose(out, np.stack([planes[[0, 2]].mean(0), planes[[1, 3]].mean(0)]))
     for m, f in zip(metas, [0, 0, 1, 1]):
         m["FrameIndex"] = f
     with pytest.raises(ProtlocError, match="mm.tif: has 2 time points"):
-        tiff_module._read_micromanager(tif, "mm.tif", "max", 10**6)
+        tiff_module._read_micromanager(tif.pages, "mm.tif", "max", 10**6)
 
 
 def test_opencell_micromanager(shared_data, caplog):
