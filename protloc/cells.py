@@ -42,6 +42,7 @@ import tifffile
 from protloc.errors import ProtlocError
 from protloc.labels import strip_tiff_extension
 from protloc.sources import Source
+from protloc.tiff_messages import TiffMessages
 
 CELL_FRAGMENT = "#cell="
 BORDERS = ("skip", "pad")
@@ -105,8 +106,9 @@ def image_sources(sources: list[Source], spec: str) -> list[Source]:
 
 def read_mask(path: str, shape: tuple[int, int], image_id: str, max_pixels: int) -> np.ndarray:
     """A label image as (Y, X) int64, checked against the image's (Y, X) `shape`."""
+    messages = TiffMessages(path)  # tifffile's complaints: a damaged mask is an error, never raw stderr
     try:
-        with tifffile.TiffFile(path) as tif:
+        with messages.capture(), tifffile.TiffFile(path) as tif:
             declared = tif.series[0].shape
             if int(np.prod(declared)) > max_pixels:
                 raise ProtlocError(f"{path}: mask of shape {declared} is larger than --max-pixels")
@@ -114,7 +116,9 @@ def read_mask(path: str, shape: tuple[int, int], image_id: str, max_pixels: int)
     except ProtlocError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged file can make any decoder raise anything
+        messages.raise_errors()
         raise ProtlocError(f"{path}: not a readable TIFF mask ({type(e).__name__}: {e})") from None
+    messages.raise_errors()
     if mask.ndim != 2:
         raise ProtlocError(f"{path}: a mask must be one 2-D label image, got shape {mask.shape}")
     if mask.shape != tuple(shape):

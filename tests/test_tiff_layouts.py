@@ -15,6 +15,7 @@ import pytest
 import tifffile
 
 from protloc import axes, micromanager
+from protloc.cells import read_mask
 from protloc.data import ViewOptions, load_item, loader, usable
 from protloc.errors import ProtlocError
 from protloc.sources import discover, read_source
@@ -441,6 +442,16 @@ def test_python_warning_while_reading_is_captured(tmp_path, monkeypatch):
         warnings.simplefilter("error")  # nothing escapes the reader
         img = read_tiff(path)
     assert img.warnings == [f"{path}: UserWarning: something about this page (tifffile)"]
+
+
+def test_damaged_mask_is_an_error_not_raw_stderr(tmp_path, capfd):
+    path = tmp_path / "mask.tif"
+    tifffile.imwrite(path, np.ones((2, 32, 32), np.uint16), metadata=None)  # its second IFD will be cut off
+    with tifffile.TiffFile(path) as tif:
+        keep = tif.pages[1].offset
+    with pytest.raises(ProtlocError, match=rf"^{path}: truncated or corrupt TIFF \(tifffile: invalid page offset"):
+        read_mask(cut(path, keep), (32, 32), "image.tif", 10**6)
+    assert capfd.readouterr().err == ""
 
 
 def test_warnings_logged_once_per_image_by_the_consumer(tmp_path, caplog):
