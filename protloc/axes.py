@@ -35,21 +35,21 @@ def trusted(series: tifffile.TiffPageSeries) -> bool:
     return True
 
 
-def layout(path: str, shape: tuple[int, ...], letters: str, trusted: bool = True,
+def layout(path: str, shape: tuple[int, ...], letters: str, from_metadata: bool = True,
            explicit: bool = False) -> list[str]:
     """One role per dimension of `shape`: 'Y', 'X', 'C', 'Z', or '1' (size 1, squeezed away).
 
-    `letters` are tifffile's (or, `explicit`, the user's --axes); untrusted letters keep only
-    their samples 'S'. Raises ProtlocError naming the file for more than one time point or
-    position, for --axes that do not fit, and for a shape the rule cannot decide."""
+    `letters` are tifffile's (or, `explicit`, the user's --axes); unless `from_metadata` (see
+    `trusted`), only their samples 'S' count. Raises ProtlocError naming the file for more than
+    one time point or position, for --axes that do not fit, and for a shape the rule cannot decide."""
     if explicit:
         bad = sorted(set(letters) - _AXES_LETTERS)
         if bad or len(letters) != len(shape):
             why = f"unknown letter(s) {''.join(bad)}" if bad else f"the image has {len(shape)} dimensions {shape}"
             raise ProtlocError(f"{path}: --axes {letters} does not fit: {why}")
     elif len(letters or "") != len(shape):
-        letters, trusted = "Q" * len(shape), False
-    if not (trusted or explicit):
+        letters, from_metadata = "Q" * len(shape), False
+    if not (from_metadata or explicit):
         letters = "".join(a if a == "S" else "Q" for a in letters)
     roles = [_ROLES.get(a, "?") for a in letters]
     for i, (n, a) in enumerate(zip(shape, letters)):

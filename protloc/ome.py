@@ -7,7 +7,7 @@ master holds the XML, whose TiffData name their file by `UUID FileName`; a compa
 `<BinaryOnly MetadataFile="master"/>` only, or (some writers) the full XML again.
 
 tifffile reads the planes; this module answers what the XML says, for the reader (channel
-names, declared planes, missing companions) and for discovery (which files a master covers).
+names, declared sizes, missing companions) and for discovery (which files a master covers).
 
 Reference: the OME-TIFF specification, https://ome-model.readthedocs.io/en/stable/ome-tiff/
 """
@@ -76,19 +76,12 @@ class OmeXml:
         pixels = _children(images[image], "Pixels")
         return pixels[0] if pixels else None
 
-    def planes(self, image: int) -> tuple[int, str] | None:
-        """(planes, 'SizeZ x SizeC x SizeT = 1 x 2 x 1') that the Pixels of Image `image` declare;
-        channels of several samples (RGB) are one plane each."""
+    def sizes(self, image: int) -> str | None:
+        """What the Pixels of Image `image` declare, e.g. 'SizeZ x SizeC x SizeT = 4 x 2 x 1'."""
         pixels = self._pixels(image)
         if pixels is None:
             return None
-        try:
-            z, c, t = (int(pixels.attrib.get(f"Size{a}", 1)) for a in "ZCT")
-            channels = _children(pixels, "Channel")
-            samples = int(channels[0].attrib.get("SamplesPerPixel", 1)) if channels else 1
-        except ValueError:
-            return None
-        return z * (c // max(samples, 1)) * t, f"SizeZ x SizeC x SizeT = {z} x {c} x {t}"
+        return "SizeZ x SizeC x SizeT = " + " x ".join(pixels.attrib.get(f"Size{a}", "1") for a in "ZCT")
 
     def channel_names(self, image: int, n_channels: int) -> list[str] | None:
         """Channel Names of Image `image`, raw as stored; None unless there is one per channel."""

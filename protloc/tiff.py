@@ -110,7 +110,7 @@ class _Planes:
     letters: str
     full_shape: tuple[int, ...]  # ... and unsqueezed, for --axes that name size-1 axes
     full_letters: str
-    trusted: bool           # letters from real metadata (axes.py)
+    from_metadata: bool     # the letters come from real metadata (axes.trusted)
     series: tifffile.TiffPageSeries  # the series (the first one of a stack)
     index: int              # its position in tif.series
     stacked: bool = False
@@ -194,8 +194,8 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
         declared.check_imagej(tif, chosen.series, path)
     if ome is not None:
         declared.check_ome_pages(tif, tif.series, path)
-        plane_count = ome.planes(chosen.index)
-        what = f"its OME-XML ({plane_count[1]})" if plane_count else "its OME-XML"
+        sizes = ome.sizes(chosen.index)
+        what = f"its OME-XML ({sizes})" if sizes else "its OME-XML"
     declared.check_planes(chosen.pages, path, what)
     messages.raise_errors()  # a damaged file is named as such before its axes are guessed
 
@@ -208,7 +208,7 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
             if len(full) == len(letters):
                 shape = tuple(n for n, _ in full)
     _check_size(path, math.prod(shape), max_pixels)
-    roles = layout(path, shape, letters, chosen.trusted, explicit=axes is not None)
+    roles = layout(path, shape, letters, chosen.from_metadata, explicit=axes is not None)
     cache = tifffile.FileCache()  # companion files of a multi-file OME-TIFF are reopened as needed
     try:
         pixels = _project_pages(chosen.pages, shape, roles, z, cache)
