@@ -254,7 +254,7 @@ class FullTask:
         self.on_step = None
         # as in pretraining: the loader scales to ~0..1, augment.py standardizes each crop
         self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"), normalize="percentile")
-        self.eval_view = dataclasses.replace(view, size=cfg.size, normalize=normalize)
+        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size, normalize=normalize), backbone.config)
         self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
         self.t = targets(rows.y, rows.multilabel)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"

@@ -20,8 +20,10 @@ from click.testing import CliRunner
 
 from protloc.checkpoint import load_checkpoint
 from protloc.cli import main
+from protloc.cli.progress import StatusLine
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "sigtimedwait"), reason="worker signal handling is Linux's")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "sigtimedwait"), reason="worker signal handling is Linux's"),
+              pytest.mark.usefixtures("one_thread")]
 
 TINY = ["--arch", "vit_tiny", "--patch", "8", "--depth", "1"]
 PRETRAIN = [*TINY, "--out-dim", "32", "--batch-size", "2", "--global-size", "32", "--local-size", "16",
@@ -39,6 +41,7 @@ def slow(path, *args, **kwargs):
     return read(path, *args, **kwargs)
 protloc.sources.read_tiff = slow
 from protloc.cli import main
+from protloc.cli.progress import StatusLine
 main(sys.argv[1:], prog_name="protloc")
 """
 
@@ -231,3 +234,43 @@ def test_an_iterator_alive_at_exit_does_not_hang_the_interpreter(tmp_path):
               "print(next(ITERATOR))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout == "0\n", done.stderr[-2000:]
+
+
+# Progress without a terminal (stderr of CliRunner and of these runs is no terminal): status lines
+
+
+def test_status_lines_after_the_first_step_then_at_the_set_pace(capsys):
+    every_step = StatusLine(total=4, every=0)
+    for loss in (4.0, 3.0, 2.0, 1.0):
+        every_step.update(loss, images=8)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"protloc: step {k}/4" for k in (1, 2, 3, 4)]
+    assert lines[1].split(", ")[1] == "loss 3.0000"
+    assert all(" img/s, ETA " in line for line in lines) and lines[-1].endswith("ETA 0:00:00")
+    seldom = StatusLine(total=1000, initial=10, what="fine-tuning step", every=1e9)
+    for _ in range(5):
+        seldom.update(1.5, images=2)
+    assert capsys.readouterr().err.splitlines()[0].startswith("protloc: fine-tuning step 11/1000, loss 1.5000, ")
+    assert seldom.lines == 1
+
+
+@pytest.mark.parametrize("every, quiet, lines", [("0", False, 3), ("1e9", False, 1), ("0", True, 0)])
+def test_pretrain_prints_status_lines_without_a_terminal(images, tmp_path, monkeypatch, every, quiet, lines):
+    monkeypatch.setenv("PROTLOC_STATUS_EVERY", every)
+    result = CliRunner().invoke(main, ["pretrain", str(images), "-o", str(tmp_path / "p.pt"), "--steps", "3",
+                                       *PRETRAIN, "--workers", "0"] + (["--quiet"] if quiet else []))
+    assert result.exit_code == 0, result.output
+    status = [line for line in result.stderr.splitlines() if line.startswith("protloc: step ")]
+    assert len(status) == lines
+    assert [line.split(",")[0] for line in status] == [f"protloc: step {k}/3" for k in range(1, lines + 1)]
+
+
+def test_full_finetuning_prints_status_lines_without_a_terminal(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTLOC_STATUS_EVERY", "0")
+    result = CliRunner().invoke(main, ["finetune", str(images), "--labels", str(tmp_path / "labels.csv"),
+                                       "--weights", "random", *TINY, "--size", "16", "--batch-size", "2",
+                                       "--epochs", "2", "--folds", "2", "--val-fraction", "0", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    status = [line for line in result.stderr.splitlines() if line.startswith("protloc: fine-tuning step ")]
+    # 2 folds, each training on 2 images: 1 step per epoch, 2 epochs
+    assert [line.split(",")[0] for line in status] == [f"protloc: fine-tuning step {k}/4" for k in (1, 2, 3, 4)]
