@@ -247,7 +247,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             bar.update(1)
             final = {"model": output, "n_train": len(split.train), "n_val": len(split.val),
                      "best_epoch": fitted.best_epoch, "epochs": fitted.epochs}
-    if received:  # came between two steps (while evaluating): stop before writing anything
+    if received:  # came after the last step (while evaluating): stop before writing anything
         raise Stopped(received[0], NOTHING_WRITTEN)
 
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
