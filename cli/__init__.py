@@ -1,7 +1,8 @@
 """The `protloc` command: a click group whose commands parse, call the library, write outputs.
 
 Errors a user can cause arrive as ProtlocError and end as one line on stderr with exit code 1
-(`--debug` shows the traceback); usage errors exit with 2 (click's convention).
+(`--debug` shows the traceback); usage errors exit with 2 (click's convention). SIGINT and
+SIGTERM end a command with one line and exit code 130 / 143 (protloc.cli.signals).
 """
 
 import importlib
@@ -11,6 +12,7 @@ import traceback
 import click
 
 from protloc import __version__
+from protloc.cli.signals import Stopped, stopped_by_signals
 from protloc.errors import ProtlocError
 
 
@@ -38,13 +40,14 @@ class ProtlocGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with stopped_by_signals():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except ProtlocError as e:
             self._fail(ctx, f"protloc: error: {e}")
-        except KeyboardInterrupt:
-            self._fail(ctx, "protloc: interrupted", code=130)
+        except Stopped as e:
+            self._fail(ctx, e.message, code=e.exit_code)
         except BrokenPipeError:  # the reader of our stdout went away (e.g. `| head`): nothing to say
             sys.stderr.close()
             ctx.exit(1)

@@ -77,7 +77,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
                        channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                        channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
-                                      depth=depth, seed=seed, model_channels=model_channels)
+                                      depth=depth, seed=seed, model_channels=model_channels, on_error=on_error)
     opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
     world = distributed.init(device)  # under torchrun: this rank embeds its contiguous share
     try:

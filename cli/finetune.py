@@ -1,7 +1,9 @@
 """`protloc finetune`: a localization classifier from labelled images or embeddings, cross-validated."""
 
+import contextlib
 import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -13,6 +15,8 @@ from protloc.cells import image_sources
 from protloc.classifier import VIEW_KEYS, backbone_reference, save_classifier
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options, device_option,
                                  show_progress, view_options)
+from protloc.cli.progress import status_line
+from protloc.cli.signals import Stopped, stop_after_step
 from protloc.crossval import check_classes, cross_validate, final_split, format_table, plan, summarize
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
@@ -26,8 +30,25 @@ from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
 
 
+NOTHING_WRITTEN = "during fine-tuning; nothing written (fine-tuning has no resume: rerun it)"
+
+
 def _is_embeddings(inputs) -> bool:
     return len(inputs) == 1 and inputs[0].lower().endswith((".npy", ".npz"))
+
+
+def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
+    """FullTask.on_step: a status line for logs (stderr no terminal), and a stop after the step
+    in which a signal came (`received`, from stop_after_step)."""
+    steps = cfg.epochs * sum(math.ceil(len(fit.train) / cfg.batch_size) for fit in fits)  # early stopping: fewer
+    status = status_line(ctx, steps, what="fine-tuning step")
+
+    def on_step(loss, images):
+        if status is not None:
+            status.update(loss, images)
+        if received:
+            raise Stopped(received[0], NOTHING_WRITTEN)
+    return on_step
 
 
 @click.command("finetune")
@@ -168,7 +189,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
                            channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                            channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
         model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
-                                    seed=seed, model_channels=model_channels)
+                                    seed=seed, model_channels=model_channels, on_error=on_error)
         opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
         if freeze:
             with tqdm(total=len(sources), unit="img", desc="embedding", disable=not show_progress(ctx),
@@ -205,8 +226,14 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     if folds:
         check_classes(rows.y, rows.classes, folds, labels_path)
         splits = plan(rows.y, rows.groups, rows.multilabel, folds, seeds, seed, fraction, val_fraction)
+    split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, val_fraction) if output else None
     fits = len(splits) + (output is not None)
-    with tqdm(total=fits, unit="fit", disable=not show_progress(ctx), file=sys.stderr) as bar:
+    # full fine-tuning stops after its current step on SIGINT / SIGTERM, writing nothing (it has no resume)
+    with (contextlib.nullcontext([]) if freeze else stop_after_step() as received,
+          tqdm(total=fits, unit="fit", disable=not show_progress(ctx), file=sys.stderr) as bar):
+        if not freeze:
+            task.on_step = _fine_tuning_step(ctx, splits + ([split] if split else []), cfg, received)
+
         def on_epoch(epoch, f1):
             bar.set_postfix(epoch=epoch, **({"val_f1": f"{f1:.3f}"} if f1 is not None else {}))
 
@@ -216,11 +243,12 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             report = summarize(runs, pooled, rows.y, rows.classes, rows.multilabel)
         final = None
         if output is not None:
-            split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, val_fraction)
             fitted = task.fit(split.train, split.val, seed, on_epoch)
             bar.update(1)
             final = {"model": output, "n_train": len(split.train), "n_val": len(split.val),
                      "best_epoch": fitted.best_epoch, "epochs": fitted.epochs}
+    if received:  # came after the last step (while evaluating): stop before writing anything
+        raise Stopped(received[0], NOTHING_WRITTEN)
 
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
                 "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,

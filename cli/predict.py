@@ -3,7 +3,9 @@
 import contextlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import click
@@ -28,9 +30,13 @@ log = logging.getLogger("protloc.cli")
 
 @contextlib.contextmanager
 def _open_output(output: str):
-    """stdout, or FILE written atomically (nothing is left of it after an error)."""
+    """FILE written atomically, or stdout written when complete (rows wait in an anonymous
+    temporary file): an error or a signal leaves nothing half-written."""
     if output == "-":
-        yield sys.stdout
+        with tempfile.TemporaryFile("w+") as tmp:
+            yield tmp
+            tmp.seek(0)
+            shutil.copyfileobj(tmp, sys.stdout)
         return
     with atomic_path(output) as tmp, open(tmp, "w") as f:
         yield f

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from protloc.data import ViewOptions, load_item, usable
+from protloc.data import ViewOptions, load_item, model_view, usable
 from protloc.model import VisionTransformer
 from protloc.sources import Source
 
@@ -52,8 +52,7 @@ def attention_maps(model: VisionTransformer, sources: list[Source], opts: ViewOp
                    device="cpu") -> list[AttentionMap]:
     """The CLS attention maps of each image (read and normalized as `protloc embed` would)."""
     config = model.config
-    opts = dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
-                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
+    opts = model_view(opts, config)
     model = model.to(device)
     out = []
     for i, source in enumerate(sources):  # one at a time: images may differ in size, and there are few

@@ -6,6 +6,9 @@ The pipeline for one image (runs in loader worker processes, one image in memory
                    -> views: the image, its --tile tiles (tiles.py) or its --cells cells
                       (cells.py); each resized to --size (or kept at native size) -> Items
 
+What the model requires of a view (its patch size, its channels: `model_view`) is checked here,
+per image, so an error names the image and `--on-error skip` leaves out that image only.
+
 Normalization is expressed as a per-(image, channel) affine map `x * scale + shift`, computed
 on the full-resolution image and applied by the patch-embedding kernel, so raw uint8/uint16
 pixels can travel to the GPU as they are. Items of the same shape and channel names are then
@@ -14,8 +17,11 @@ grouped into batches in input order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +103,23 @@ class ViewOptions:
     channel_strategy: str = "natural"  # how image channels fill model_channels (channel_map.STRATEGIES)
     fill: str = "zero"  # what fills a slot no image channel goes to
     strategy_seed: int = 0  # the random strategy's permutation
+    patch: int | None = None  # the model's patch size: every view must hold one patch (model_view)
+    same_channels: tuple[str, ...] | None = None  # training a channel-layout model: every image's channels, in order
+
+    def __post_init__(self):
+        # a view size fixed by a flag fits a patch for every image or for none: one error, before any image
+        fixed = (("--size", self.size) if self.size is not None else ("--tile", self.tile) if self.tile is not None
+                 else ("--cell-size", self.cell_size) if self.cells is not None else None)
+        if self.patch is not None and fixed is not None and fixed[1] < self.patch:
+            raise ProtlocError(f"{fixed[0]} {fixed[1]} is smaller than one {self.patch}x{self.patch} patch of the model")
+
+
+def model_view(opts: ViewOptions, config) -> ViewOptions:
+    """`opts` with what the model (a ViTConfig) requires of every view, checked image by image:
+    its patch size, and a fused-layout model's input slots or a channel-layout model's known names."""
+    return dataclasses.replace(opts, patch=config.patch,
+                               model_channels=tuple(config.channels) if config.layout == "fused" else None,
+                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
 
 
 @dataclass
@@ -120,13 +143,25 @@ class Item:
 
 
 def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
-    """A channel-layout model must know the image's channels: per image, so the error names the file.
-    (A fused-layout model's slots are filled by the channel strategy, which checks its own case.)"""
+    """A channel-layout model must know the image's channels, and in training every image must
+    have the same ones (a batch of crops has one set of channels): per image, so the error names
+    the file. (A fused-layout model's slots are filled by the channel strategy, which checks its own case.)"""
     if opts.known_channels is not None:
         unknown = [n for n in names if n not in opts.known_channels]
         if unknown:
             raise ProtlocError(f"{source}: channel(s) {', '.join(unknown)} unknown to the model (it knows "
                                f"{', '.join(opts.known_channels)}); name the channels with --channels")
+    if opts.same_channels is not None and tuple(names) != opts.same_channels:
+        raise ProtlocError(f"{source}: channels {', '.join(names)} differ from the run's ({', '.join(opts.same_channels)}): "
+                           "training a channel-layout model takes images with the same channels; select them with --channels")
+
+
+def check_patch(view_id: str, pixels: np.ndarray, opts: ViewOptions) -> None:
+    """A view (C, H, W) must hold at least one patch of the model (opts.patch)."""
+    height, width = pixels.shape[1:]
+    if opts.patch is not None and min(height, width) < opts.patch:
+        raise ProtlocError(f"{view_id}: image of {height}x{width} pixels is smaller than one {opts.patch}x{opts.patch} "
+                           "patch of the model")
 
 
 def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
@@ -148,8 +183,10 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
                                  opts.strategy_seed, source.id)
             pixels, scale, shift = apply_plan(plan, pixels, scale, shift)
             names, channel_map = plan.model_channels, plan.describe()
-        if opts.size is not None and opts.tile is None and opts.cells is None:  # views are resized one by one
-            pixels = resize(pixels, opts.size)
+        if opts.tile is None and opts.cells is None:  # the whole image is the view (tiles and cells are cut later)
+            if opts.size is not None:
+                pixels = resize(pixels, opts.size)
+            check_patch(source.id, pixels, opts)
         return Item(index, source.id, np.ascontiguousarray(pixels), scale, shift, tuple(names),
                     channel_map=channel_map, warnings=tuple(image.warnings))
     except ProtlocError as e:
@@ -277,21 +314,59 @@ def loader(sources: list[Source], opts: ViewOptions, workers: int):
     dataset = ViewDataset(sources, opts)
     if workers == 0:
         return (item for i in range(len(dataset)) for item in dataset[i])
-    per_image = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                            persistent_workers=False, worker_init_fn=worker_init)
+    per_image = decoded(dataset, workers, batch_size=None, prefetch_factor=4)
     return (item for items in per_image for item in items)
 
 
-def worker_init(_):
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def decoded(dataset: torch.utils.data.Dataset, workers: int, **kw):
+    """An iterator over a DataLoader of `dataset` with `workers` (>= 1) decoding processes.
+
+    Ctrl-C, `timeout`, Slurm and systemd signal every process of the job, workers included; the
+    main process decides how to stop (a training run finishes its step and saves a checkpoint),
+    so a worker ignores SIGINT, and SIGTERM unless its main process sends it (as torch and
+    multiprocessing do to end workers). Both are blocked while the workers start, so none can
+    kill one early (this process gets them once unblocked). Workers end when the iterator is
+    exhausted or dropped, and within a second or two when this process dies, even while one is
+    stuck reading a file."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(torch.utils.data.DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, **kw))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _worker_init(_):
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
-    # Ctrl-C reaches the whole process group: the main process decides how to stop (a training
-    # run saves a checkpoint first), so a worker must not die of it mid-batch
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked by decoded(); a pending one is dropped
+    if hasattr(signal, "sigtimedwait"):  # Linux (elsewhere SIGTERM ends a worker, as torch has it)
+        threading.Thread(target=_watch_main, args=(os.getppid(),), daemon=True).start()
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
 
 
-def probe_channels(sources: list[Source], opts: ViewOptions) -> list[str]:
-    """The channel names of the first image: what a new model is built for."""
-    first = load_item(0, sources[0], opts)
-    if first.error:
-        raise ProtlocError(first.error)
-    return list(first.channel_names)
+def _watch_main(main_pid: int) -> None:
+    """A worker's thread that takes its SIGTERMs (blocked in every thread of the worker): one from
+    the main process ends the worker, one from anyone else (a scheduler signalling the whole job)
+    is ignored; and the worker ends when the main process is gone."""
+    while True:
+        info = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        if os.getppid() != main_pid or (info is not None and info.si_pid == main_pid):
+            os._exit(0)
+
+
+def probe_channels(sources: list[Source], opts: ViewOptions, on_error: str = "fail") -> list[str]:
+    """The channel names of the first usable image: what a new model is built for. A bad image
+    fails, or with on_error="skip" the next one is tried (the run reports the bad one when it meets it)."""
+    first_error = None
+    for index, source in enumerate(sources):
+        item = load_item(index, source, opts)
+        if item.error is None:
+            return list(item.channel_names)
+        if on_error == "fail":
+            raise ProtlocError(item.error)
+        first_error = first_error or item.error
+    raise ProtlocError(f"no image could be read ({len(sources)} failed; the first: {first_error})")

@@ -132,7 +132,10 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def clip_gradients(model: nn.Module, clip: float) -> None:
-    """Clip each parameter's gradient norm to `clip` separately, as the DINO reference does."""
+    """Clip each parameter's gradient norm to `clip` separately, as the DINO reference does;
+    clip 0 means no clipping (DINO's `--clip_grad 0`)."""
+    if clip == 0:
+        return
     for p in model.parameters():
         if p.grad is not None:
             norm = p.grad.detach().norm(2)

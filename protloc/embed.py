@@ -9,7 +9,6 @@ on TIFF decoding when it need not; `EmbedStats` records how long it did wait. Wi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from protloc.checkpoint import file_sha256, model_from_checkpoint
-from protloc.data import ViewOptions, batches, loader, probe_channels
+from protloc.data import ViewOptions, batches, loader, model_view, probe_channels
 from protloc.errors import ProtlocError
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.sources import Source
@@ -38,17 +37,19 @@ class EmbedStats:
 
 
 def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",
-                  patch=16, layout="fused", depth=12, seed=0, model_channels=None) -> tuple[VisionTransformer, dict]:
+                  patch=16, layout="fused", depth=12, seed=0, model_channels=None,
+                  on_error="fail") -> tuple[VisionTransformer, dict]:
     """The backbone named by `weights` (a protloc or foreign checkpoint, or "random") and meta
     describing it. `model_channels` names a fused model's input channels (foreign checkpoints
     do not store them; see protloc.foreign for the defaults).
 
     A random backbone takes its input channels from --model-channels, --channels or, failing
-    those, from the first image, so `--weights random` works on any data as a baseline."""
+    those, from the first usable image (`on_error` as in protloc.data.probe_channels), so
+    `--weights random` works on any data as a baseline."""
     if weights == "random":
         channels = list(model_channels or opts.channels or []) or None
         if channels is None and layout == "fused":
-            channels = probe_channels(sources, opts)
+            channels = probe_channels(sources, opts, on_error)
         config = ViTConfig(arch=arch, patch=patch, layout=layout, depth=depth, **({"channels": channels} if channels else {}))
         torch.manual_seed(seed)
         model = VisionTransformer(config)
@@ -79,8 +80,7 @@ def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *,
 
 def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress):
     config = model.config
-    opts = dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
-                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
+    opts = model_view(opts, config)
     per_channel = opts.channel_strategy == "per-channel"
     if opts.channel_strategy != "natural" and config.layout != "fused":
         raise ProtlocError(f"--channel-strategy {opts.channel_strategy} is for fused-layout models; a channel-layout "

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from protloc.augment import MultiCropConfig, multi_crop
-from protloc.data import ImageDataset, ViewOptions, loader, usable, worker_init
+from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view, probe_channels, usable
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
@@ -106,18 +106,21 @@ def embed_all(model, sources, opts, **kw) -> tuple[list[str], np.ndarray]:
     return ids, (np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32))
 
 
-def model_view(backbone: VisionTransformer, opts: ViewOptions) -> ViewOptions:
-    """`opts` with the backbone's channel requirements, so a mismatched image fails by name."""
-    config = backbone.config
-    return dataclasses.replace(opts, model_channels=tuple(config.channels) if config.layout == "fused" else None,
-                               known_channels=tuple(config.vocab) if config.layout == "channel" else None)
+def train_view(backbone: VisionTransformer, opts: ViewOptions, sources: list[Source], on_error: str) -> ViewOptions:
+    """How full fine-tuning reads an image: whole, at native size (the crops are cut from it), as
+    the backbone requires; for a channel-layout backbone every image with the channels of the first."""
+    view = dataclasses.replace(model_view(opts, backbone.config), size=None)
+    if backbone.config.layout == "channel":
+        view = dataclasses.replace(view, same_channels=tuple(probe_channels(sources, view, on_error)))
+    return view
 
 
 def readable(backbone: VisionTransformer, sources: list[Source], opts: ViewOptions, workers: int,
              on_error: str) -> list[int]:
-    """Indices of the sources that load for this backbone (one decoding pass; a bad image fails
-    or, with on_error="skip", is logged and left out)."""
-    return [item.index for item in loader(sources, model_view(backbone, opts), workers) if usable(item, on_error)]
+    """Indices of the sources that full fine-tuning can train on (one decoding pass of train_view;
+    a bad image fails or, with on_error="skip", is logged and left out)."""
+    view = train_view(backbone, opts, sources, on_error)
+    return [item.index for item in loader(sources, view, workers) if usable(item, on_error)]
 
 
 @dataclass
@@ -237,6 +240,7 @@ class FullTask:
 
     def __init__(self, backbone: VisionTransformer, sources: list[Source], rows: LabelledRows, cfg: FinetuneConfig,
                  view: ViewOptions, device="cpu", workers: int = 2):
+        """`sources`: those `readable` kept."""
         normalize = backbone.config.normalize
         if normalize not in ("image", "percentile"):
             raise ProtlocError(f"full fine-tuning augments images normalized 'image' or 'percentile'; this backbone "
@@ -245,9 +249,12 @@ class FullTask:
             raise ProtlocError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
         self.start, self.sources, self.rows, self.cfg = backbone, sources, rows, cfg
         self.device, self.workers = torch.device(device), workers
+        # on_step(loss, images) after every optimizer step: for progress, and a place to stop (what
+        # it raises ends the fit there)
+        self.on_step = None
         # as in pretraining: the loader scales to ~0..1, augment.py standardizes each crop
-        self.train_view = dataclasses.replace(model_view(backbone, view), size=None, normalize="percentile")
-        self.eval_view = dataclasses.replace(view, size=cfg.size, normalize=normalize)
+        self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"), normalize="percentile")
+        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size, normalize=normalize), backbone.config)
         self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
         self.t = targets(rows.y, rows.multilabel)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -257,13 +264,12 @@ class FullTask:
         dataset = ImageDataset(self.sources, self.train_view)
         if self.workers == 0:
             return ([dataset[i] for i in idx] for idx in index_lists)
-        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=index_lists, collate_fn=list,
-                                                num_workers=self.workers, worker_init_fn=worker_init))
+        return decoded(dataset, self.workers, batch_sampler=index_lists, collate_fn=list)
 
     def _step(self, items, backbone, head, loss_fn, generator):
         """The loss of one batch: both global crops of every image, each with its image's label."""
         images = []
-        for item in items:
+        for item in filter(lambda it: usable(it, "fail"), items):  # readable() kept only images that load
             x = torch.from_numpy(item.pixels).to(self.device).float()
             scale, shift = (torch.from_numpy(a).to(self.device) for a in (item.scale, item.shift))
             images.append(x * scale[:, None, None] + shift[:, None, None])
@@ -312,6 +318,8 @@ class FullTask:
                 torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
                 optimizer.step()
                 step += 1
+                if self.on_step is not None:
+                    self.on_step(loss.item(), len(items))
 
         def evaluate():
             logits = self._logits(backbone, head, val)

@@ -6,8 +6,10 @@ One step: decode B images (loader workers) -> multi-crop on the training device 
 
 Exact resume: nothing random depends on history. The data order of epoch e is a permutation
 seeded by (seed, e); the crops and stochastic depth of step s are seeded by (seed, s, rank). A
-checkpoint holds student, teacher, optimizer, the loss center and the step, so 2 steps +
-resume to 4 gives the same weights as 4 steps.
+checkpoint holds student, teacher, optimizer, the loss center, the step and the run's settings
+(PretrainConfig), so 2 steps + resume to 4 gives the same weights as 4 steps; a resumed run
+takes its settings from the checkpoint (`recorded_config`), and a different run from the same
+weights is a new run (`init`: step 0, a new optimizer, schedules and DINO head).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protloc.augment import MultiCropConfig, multi_crop
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import ImageDataset, ViewOptions, probe_channels, usable, worker_init
+from protloc.data import ImageDataset, ViewOptions, decoded, model_view, probe_channels, usable
 from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, param_groups, teacher_temp_schedule)
 from protloc.distributed import World, all_gather_float
@@ -40,12 +42,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a run; stored in its checkpoints (a resumed run keeps it)."""
+    """Everything that defines a run, how the images are read included; stored in its checkpoints
+    (a resumed run keeps it)."""
     arch: str = "vit_small"
     patch: int = 16
     layout: str = "fused"
     depth: int = 12
     channels: list[str] | None = None  # None: the first image's channel names
+    channel_suffixes: list[str] | None = None  # one file per channel (protloc.sources.discover)
+    z: str = "max"  # z projection (protloc.tiff)
+    axes: str | None = None  # axes of every file; None: from metadata or shape
+    series: int | None = None  # the series of files that hold several (protloc.tiff); None: the first full one
     normalize: str = "image"
     drop_path: float = 0.1
     out_dim: int = 65536
@@ -59,7 +66,7 @@ class PretrainConfig:
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    clip_grad: float = 3.0
+    clip_grad: float = 3.0  # 0: no clipping
     freeze_last_layer: float = 1.0  # epochs with the head's last layer frozen
     momentum_teacher: float = 0.996
     warmup_teacher_temp: float = 0.04
@@ -161,6 +168,11 @@ def replica_checksum(model: torch.nn.Module) -> float:
 
 
 class Trainer:
+    """A DINO run over `sources`. With `resume`, the run in checkpoint `output` continues with its
+    recorded settings (`cfg` is not used: see `recorded_config`); with `init`, a new run starts
+    from a checkpoint's backbone weights. `view` holds how images are read beyond the run's
+    settings (max_pixels); channels, z, axes and series are the run's (cfg)."""
+
     def __init__(self, sources: list[Source], cfg: PretrainConfig, output, *, world: World = World(),
                  view: ViewOptions = ViewOptions(), workers: int = 2, on_error: str = "fail",
                  resume: bool = False, init: str | None = None, checkpoint_every: int = 500, log_path=None):
@@ -168,19 +180,21 @@ class Trainer:
         self.workers, self.on_error, self.checkpoint_every, self.log_path = workers, on_error, checkpoint_every, log_path
         ckpt = load_checkpoint(self.output) if resume else None
         if ckpt is not None:
-            if "student" not in ckpt:
-                raise ProtlocError(f"{self.output}: not a pretraining checkpoint (nothing to resume)")
-            cfg = PretrainConfig.from_dict(ckpt["train"])
+            cfg = recorded_config(self.output, ckpt)
             if ckpt["n_images"] != len(sources) or ckpt["world_size"] != world.size:
                 raise ProtlocError(f"{self.output}: resuming needs the same data and processes (checkpoint: "
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
         self.cfg = cfg
-        # the loader only decodes and scales to ~0..1; augment.py standardizes the crops
-        channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view)
-        self.view = dataclasses.replace(view, size=None, normalize="percentile",
-                                        model_channels=tuple(channels) if cfg.layout == "fused" else None)
+        view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
+                                   series=cfg.series)
+        channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view, on_error)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         self.student, self.teacher = build_models(cfg, channels)
+        # every image is checked against the model on its own (patch, channels); the loader only
+        # decodes and scales to ~0..1, augment.py standardizes the crops
+        self.view = dataclasses.replace(model_view(view, self.student.backbone.config), size=None, normalize="percentile",
+                                        same_channels=tuple(channels) if cfg.layout == "channel" else None)
+        self.skipped: set[str] = set()  # images reported as skipped (once, not every epoch)
         if cfg.use_bn_in_head and world.size > 1 and world.device.type == "cuda":
             # batch statistics over the whole batch, as DINO does; SyncBatchNorm runs on GPUs only,
             # so CPU processes (gloo) each normalize by their own share of the batch
@@ -216,26 +230,33 @@ class Trainer:
                               self.step, stop, self.schedules.steps_per_epoch)
         if self.workers == 0:
             return ([dataset[i] for i in idx] for idx in sampler)
-        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=list,
-                                                num_workers=self.workers, prefetch_factor=2,
-                                                worker_init_fn=worker_init))
+        return decoded(dataset, self.workers, batch_sampler=sampler, collate_fn=list, prefetch_factor=2)
 
     def images(self, items):
-        """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped."""
+        """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
+        (reported the first time they are met)."""
         out, names = [], []
-        for item in filter(lambda it: usable(it, self.on_error), items):
+        for item in items:
+            if item.error is not None and item.id in self.skipped:
+                continue
+            if not usable(item, self.on_error):
+                self.skipped.add(item.id)
+                continue
             x = torch.from_numpy(item.pixels).to(self.world.device).float()
             scale, shift = (torch.from_numpy(a).to(self.world.device) for a in (item.scale, item.shift))
             out.append(x * scale[:, None, None] + shift[:, None, None])
             names = list(item.channel_names)
-        if not out:
-            raise ProtlocError("every image of a batch failed to load")
         return out, names
 
-    def train_step(self, items) -> dict:
+    def train_step(self, items) -> dict | None:
+        """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
         cfg, sched, step = self.cfg, self.schedules, self.step
         start = time.perf_counter()
         images, names = self.images(items)
+        if min(all_gather_float(self.world, float(len(images)))) == 0:  # every rank skips it, or DDP would wait
+            log.warning("step %d: every image of its batch was skipped; no update", step + 1)
+            self.step += 1
+            return None
         protein = names.index("protein") if "protein" in names else None
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
@@ -269,6 +290,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         images_done = len(images) * self.world.size
         return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
+                "images": images_done,
                 "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
                 "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
                 "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
@@ -298,15 +320,16 @@ class Trainer:
         with open(self.log_path, "a") if self.log_path and self.world.is_main else contextlib.nullcontext() as log_file:
             for items in self.batches(stop):
                 metrics = self.train_step(items)
-                if log_file is not None:
-                    log_file.write(json.dumps(metrics) + "\n")
-                    log_file.flush()
-                problem = collapse_warning(metrics["teacher_entropy"], self.cfg.out_dim)
-                if problem and not warned and self.step > self.schedules.total // 10:
-                    log.warning("step %d: %s", self.step, problem)
-                    warned = True
-                if on_step is not None:
-                    on_step(metrics)
+                if metrics is not None:
+                    if log_file is not None:
+                        log_file.write(json.dumps(metrics) + "\n")
+                        log_file.flush()
+                    problem = collapse_warning(metrics["teacher_entropy"], self.cfg.out_dim)
+                    if problem and not warned and self.step > self.schedules.total // 10:
+                        log.warning("step %d: %s", self.step, problem)
+                        warned = True
+                    if on_step is not None:
+                        on_step(metrics)
                 # every rank stops at the same step, whichever of them got the signal
                 stopping = any(all_gather_float(self.world, float(self.stop_requested)))
                 if self.step % self.checkpoint_every == 0 or self.step == stop or stopping:
@@ -314,6 +337,14 @@ class Trainer:
                 if stopping:
                     break
         return self.step
+
+
+def recorded_config(path, ckpt: dict | None = None) -> PretrainConfig:
+    """The settings of the pretraining run in checkpoint `path` (`ckpt`: the checkpoint, if loaded already)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    if "student" not in ckpt or "train" not in ckpt:
+        raise ProtlocError(f"{path}: not a pretraining checkpoint (nothing to resume)")
+    return PretrainConfig.from_dict(ckpt["train"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
