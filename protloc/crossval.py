@@ -171,7 +171,7 @@ def summarize(runs: list[RunResult], pooled: dict[int, np.ndarray], y: np.ndarra
     per_seed, pooled_scores = [], []
     for seed, probs in pooled.items():
         pred = predict(probs, multilabel)
-        per_class = per_class_f1(y, pred)
+        per_class = per_class_f1(y, pred, scored)
         confusion = multilabel_confusion_matrix(y, pred) if multilabel else \
             confusion_matrix(y.argmax(1), pred.argmax(1), labels=labels)
         per_seed.append({"seed": seed, "per_class_f1": {c: float(f) if s else None

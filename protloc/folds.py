@@ -155,29 +155,32 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
         raise ProtlocError(f"cannot make {folds} folds of these labels: {e}") from None
 
 
-def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """(n_classes,) F1 of each class from 0/1 indicator matrices (n, n_classes); 0 where a class
-    has neither true nor predicted rows (scikit-learn's zero_division=0)."""
+def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> np.ndarray:
+    """(n_classes,) F1 of each class from 0/1 indicator matrices (n, n_classes), on the rows that
+    carry a `scored` class (default: all classes); NaN for classes not scored, 0 for a scored class
+    with neither true nor predicted rows (scikit-learn's zero_division=0)."""
     t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    kept = t[:, scored].any(1)  # a row of an unscored class is not scored: its prediction is no false positive
+    t, p = t[kept], p[kept]
     tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
     denominator = 2 * tp + fp + fn
-    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+    return np.where(scored, np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0), np.nan)
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> tuple[float, float] | None:
     """(macro F1, accuracy) of 0/1 indicator predictions (n, n_classes), or None when no row is scored.
 
     Only the `scored` classes count (default: all): rows carrying none of them are left out, and
-    predictions of other classes count only as misses. Macro F1 averages the scored classes the
-    kept rows hold in their truth (never a class absent from it); accuracy is the share of kept
-    rows whose scored labels are all right (single-label: the right class; multi-label: subset
-    accuracy). Plain numpy: it also runs every epoch of early stopping."""
+    predictions of other classes count only as misses. Macro F1 averages the per-class F1 of the
+    scored classes the kept rows hold in their truth (never a class absent from it); accuracy is
+    the share of kept rows whose scored labels are all right (single-label: the right class;
+    multi-label: subset accuracy). Plain numpy: it also runs every epoch of early stopping."""
     t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    if scored is not None:
-        t, p = t[:, scored], p[:, scored]
-    kept = t.any(1)
+    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    kept = t[:, scored].any(1)
     if not kept.any():
         return None
-    t, p = t[kept], p[kept]
-    f1 = per_class_f1(t, p)[t.any(0)]
-    return float(f1.mean()), float((t == p).all(1).mean())
+    f1 = per_class_f1(t, p, scored)[scored & t[kept].any(0)]
+    accuracy = (t[kept][:, scored] == p[kept][:, scored]).all(1).mean()
+    return float(f1.mean()), float(accuracy)
