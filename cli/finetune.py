@@ -48,8 +48,8 @@ def _is_embeddings(inputs) -> bool:
 @click.option("--head", "head_kind", type=click.Choice(HEADS), default="linear",
               help="linear: D -> classes; mlp: D -> 512 -> 256 -> classes (ReLU, dropout 0.5).")
 @click.option("--folds", type=click.IntRange(min=0), default=5,
-              help="Cross-validation folds, stratified, grouped by the group column when present "
-                   "(0: no cross-validation, only fit MODEL).")
+              help="Cross-validation folds, stratified, grouped by the group column when present, else by image "
+                   "(0: no cross-validation, only fit MODEL). Classes whose rows lie in one group are not scored.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1,
               help="Repeat the cross-validation with seeds --seed, --seed+1, ...: macro F1 is mean ± std over "
                    "folds x seeds.")
@@ -103,7 +103,8 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
                      mask_outside, border, channel_strategy, fill, model_channels, ids_path,
                      id_column, label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes,
                      max_pixels, workers, on_error, device, quiet):
-    """Train a localization classifier and cross-validate it: macro F1 mean ± std over folds x seeds.
+    """Train a localization classifier and cross-validate it: per-class F1 and macro F1 of the pooled
+    out-of-fold predictions, beside the per-fold macro F1 (mean ± std over folds x seeds).
 
     DATA: TIFF files, directories and - (paths on stdin), with --weights; or EMB: one embeddings
     file from `protloc embed` (.npz, or .npy with --ids), on which a head is trained (--freeze implied).

@@ -39,7 +39,8 @@ def _finite(_ctx, param, value):
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, callback=_finite,
               help="Vote weight exp(similarity / T), as in DINO; any finite T > 0 (computed stably).")
 @click.option("--folds", type=click.IntRange(min=2), default=5,
-              help="Stratified cross-validation folds (grouped by the `group` column when present, else by image).")
+              help="Stratified cross-validation folds (grouped by the `group` column when present, else by image). "
+                   "Classes whose rows lie in one group are not scored.")
 @click.option("--loo", is_flag=True, help="Leave-one-out instead of folds (a query's whole group is left out).")
 @click.option("--no-groups", is_flag=True,
               help="Ignore the labels' group column: split by image (its tiles and cells stay together), the "
@@ -56,7 +57,8 @@ def _finite(_ctx, param, value):
 @common
 def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_groups, seed, json_path, id_column,
                 label_column, group_column, channel_suffixes, force, quiet):
-    """Evaluate embeddings by weighted k-NN: macro F1 (mean ± std over folds) and accuracy per k.
+    """Evaluate embeddings by weighted k-NN, per k: macro F1 of the pooled out-of-fold predictions,
+    and macro F1 and accuracy per fold (mean ± std); leave-one-out: pooled macro F1 and accuracy.
 
     EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin). Several EMB
     files (e.g. random-init and pretrained) are evaluated on the same folds and shown side by side.
