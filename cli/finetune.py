@@ -19,8 +19,8 @@ from protloc.device import resolve_device
 from protloc.embed import load_backbone
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
-from protloc.folds import check_folds, require_classes, scored_classes
 from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
+from protloc.folds import check_folds, require_classes, scored_classes
 from protloc.head import BALANCES, HEADS
 from protloc.labels import images_of, match_rows, read_labels
 from protloc.output import atomic_path, check_destination
