@@ -52,7 +52,7 @@ def yeast():
     sources = discover([str(folder)], channel_suffixes=SUFFIXES)
     matched = match_rows([s.id for s in sources], labels, channel_suffixes=SUFFIXES)
     matched.groups = None  # stratified, not grouped (see above)
-    return [sources[r] for r in matched.rows], labelled_rows([s.id for s in sources], matched), matched
+    return [sources[r] for r in matched.rows], labelled_rows(matched), matched
 
 
 def scores(runs) -> str:

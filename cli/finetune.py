@@ -17,13 +17,14 @@ from protloc.cli.options import (architecture_options, cell_options, channel_opt
                                  show_progress, view_options)
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
-from protloc.crossval import check_classes, cross_validate, final_split, format_table, plan, summarize
+from protloc.crossval import cross_validate, final_split, format_table, plan, summarize
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import load_backbone
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
 from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
+from protloc.folds import check_folds, require_classes, scored_classes
 from protloc.head import BALANCES, HEADS
 from protloc.labels import images_of, match_rows, read_labels
 from protloc.output import atomic_path, check_destination
@@ -68,8 +69,8 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
 @click.option("--head", "head_kind", type=click.Choice(HEADS), default="linear",
               help="linear: D -> classes; mlp: D -> 512 -> 256 -> classes (ReLU, dropout 0.5).")
 @click.option("--folds", type=click.IntRange(min=0), default=5,
-              help="Cross-validation folds, stratified, grouped by the group column when present "
-                   "(0: no cross-validation, only fit MODEL).")
+              help="Cross-validation folds, stratified, grouped by the group column when present, else by image "
+                   "(0: no cross-validation, only fit MODEL). Classes whose rows lie in one group are not scored.")
 @click.option("--seeds", type=click.IntRange(min=1), default=1,
               help="Repeat the cross-validation with seeds --seed, --seed+1, ...: macro F1 is mean ± std over "
                    "folds x seeds.")
@@ -107,6 +108,9 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
 @click.option("--id-column", default=None, help="Labels column matched to the images / row ids. Default: path, else id.")
 @click.option("--label-column", default="label", help="Labels column holding the class(es).")
 @click.option("--group-column", default="group", help="Labels column holding groups (used when present).")
+@click.option("--no-groups", is_flag=True,
+              help="Ignore the labels' group column: folds split by image (its tiles and cells stay together), the "
+                   "ungrouped protocol, chosen explicitly.")
 @click.option("--json", "json_path", metavar="FILE",
               help="Write the metrics as JSON: every fold and seed, mean ± std macro F1, per-class F1, confusion matrix.")
 @click.option("--force", is_flag=True, help="Overwrite existing MODEL / --json files.")
@@ -118,9 +122,10 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
                      seeds, seed, fraction, val_fraction, balance, epochs, patience, lr, weight_decay, batch_size,
                      backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells, cell_size,
                      mask_outside, border, channel_strategy, fill, model_channels, ids_path,
-                     id_column, label_column, group_column, json_path, force, channels, channel_suffixes, z, axes, series,
+                     id_column, label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes, series,
                      max_pixels, workers, on_error, device, quiet):
-    """Train a localization classifier and cross-validate it: macro F1 mean ± std over folds x seeds.
+    """Train a localization classifier and cross-validate it: per-class F1 and macro F1 of the pooled
+    out-of-fold predictions, beside the per-fold macro F1 (mean ± std over folds x seeds).
 
     DATA: TIFF files, directories and - (paths on stdin), with --weights; or EMB: one embeddings
     file from `protloc embed` (.npz, or .npy with --ids), on which a head is trained (--freeze implied).
@@ -159,7 +164,8 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     for path in (output, json_path):
         if path:
             check_destination(path, force)
-    labels = read_labels(labels_path, id_column=id_column, label_column=label_column, group_column=group_column)
+    labels = read_labels(labels_path, id_column=id_column, label_column=label_column,
+                         group_column=None if no_groups else group_column)
     device = resolve_device(device)
     start = time.perf_counter()
 
@@ -170,7 +176,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
         matched = match_rows(emb.ids, labels, base_dir=emb.meta.get("cwd"),
                              channel_suffixes=channel_suffixes or emb.meta.get("channel_suffixes"))
-        rows = labelled_rows(emb.ids, matched)
+        rows = labelled_rows(matched)
         task = FrozenTask(emb.x[matched.rows], rows, cfg, device)
         views, backbone_ref = {k: emb.meta.get(k) for k in VIEW_KEYS}, backbone_reference(emb.meta)
         what = f"head on {emb.x.shape[1]}-d embeddings from {emb.source}"
@@ -199,7 +205,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             matched = match_rows(ids, labels, channel_suffixes=channel_suffixes, require_all=False)
             if not len(matched.rows):
                 raise ProtlocError("no labelled image could be embedded")
-            rows, backbone = labelled_rows(ids, matched), model
+            rows, backbone = labelled_rows(matched), model
             task = FrozenTask(x[matched.rows], rows, cfg, device)
             what = f"head on frozen {meta['weights']} embeddings ({model.dim}-d)"
         else:
@@ -207,7 +213,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             if not ok:
                 raise ProtlocError("no labelled image could be read")
             sources = [sources[i] for i in ok]
-            rows = rows_of(labelled_rows(image_ids, matched), [s.id for s in sources])
+            rows = rows_of(labelled_rows(matched), [s.id for s in sources])
             task = FullTask(model, sources, rows, cfg, opts, device, workers)
             what = f"fine-tuning {meta['weights']} ({model.config.arch}/{model.config.patch}) at {cfg.size} px"
         views = {"size": opts.size, "normalize": opts.normalize, "pool": pool, "tile": tile, "stride": stride or tile,
@@ -222,10 +228,13 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
                    f"{' (multi-label)' if rows.multilabel else ''}{', grouped' if rows.groups is not None else ''}; "
                    f"{cfg.head} {what}", err=True)
 
-    splits = []
-    if folds:
-        check_classes(rows.y, rows.classes, folds, labels_path)
+    splits, scored = [], None
+    if folds:  # what the folds can measure, before any fitting
+        scored = scored_classes(rows.y, rows.groups, rows.classes, labels_path, folds, labels.groups is not None)
         splits = plan(rows.y, rows.groups, rows.multilabel, folds, seeds, seed, fraction, val_fraction)
+        check_folds(rows.y, [(sp.train, sp.test) for sp in splits], rows.classes, scored)
+    else:
+        require_classes(rows.y, rows.classes, labels_path)
     split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, val_fraction) if output else None
     fits = len(splits) + (output is not None)
     # full fine-tuning stops after its current step on SIGINT / SIGTERM, writing nothing (it has no resume)
@@ -239,8 +248,9 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
 
         report = None
         if splits:
-            runs, pooled = cross_validate(task, rows.y, rows.multilabel, splits, on_epoch, lambda _: bar.update(1))
-            report = summarize(runs, pooled, rows.y, rows.classes, rows.multilabel)
+            runs, pooled = cross_validate(task, rows.y, rows.multilabel, splits, on_epoch, lambda _: bar.update(1),
+                                          scored)
+            report = summarize(runs, pooled, rows.y, rows.classes, rows.multilabel, scored)
         final = None
         if output is not None:
             fitted = task.fit(split.train, split.val, seed, on_epoch)
@@ -252,10 +262,10 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
 
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
                 "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,
-                "grouped": rows.groups is not None, "folds": folds, "seeds": seeds, "seed": seed,
+                "grouped": rows.groups is not None, "no_groups": no_groups, "folds": folds, "seeds": seeds, "seed": seed,
                 "fraction": fraction, "val_fraction": val_fraction, **cfg.to_dict()}
     if output is not None:
-        cv = {k: report[k] for k in ("macro_f1", "accuracy")} if report else None
+        cv = {k: report[k] for k in ("macro_f1_pooled", "macro_f1", "accuracy")} if report else None
         save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=views,
                         backbone_ref=backbone_ref, finetune=settings, trained_on={"labels": labels_path,
                         "rows": len(rows.ids)}, cv=cv, backbone=fitted.backbone or backbone)

@@ -1,6 +1,7 @@
 """`protloc knn`: DINO's weighted k-NN classifier, cross-validated, as macro F1 per k."""
 
 import json
+import math
 import sys
 
 import click
@@ -23,17 +24,27 @@ def _ks(_ctx, param, value):
     return ks
 
 
+def _finite(_ctx, param, value):
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value}: expected a finite number > 0", param=param)
+    return value
+
+
 @click.command("knn")
 @click.argument("embs", metavar="EMB...", nargs=-1, required=True)
 @click.option("--labels", "labels_path", required=True, metavar="CSV",
               help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
 @click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07,
-              help="Vote weight exp(similarity / T), as in DINO.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, callback=_finite,
+              help="Vote weight exp(similarity / T), as in DINO; any finite T > 0 (computed stably).")
 @click.option("--folds", type=click.IntRange(min=2), default=5,
-              help="Stratified cross-validation folds (grouped by the `group` column when present).")
+              help="Stratified cross-validation folds (grouped by the `group` column when present, else by image). "
+                   "Classes whose rows lie in one group are not scored.")
 @click.option("--loo", is_flag=True, help="Leave-one-out instead of folds (a query's whole group is left out).")
+@click.option("--no-groups", is_flag=True,
+              help="Ignore the labels' group column: split by image (its tiles and cells stay together), the "
+                   "ungrouped protocol, chosen explicitly.")
 @click.option("--seed", type=int, default=0, help="Seed of the fold assignment.")
 @click.option("--json", "json_path", metavar="FILE", help="Also write the results as JSON.")
 @click.option("--id-column", default=None, help="Labels column matched to the row ids. Default: path, else id.")
@@ -44,9 +55,10 @@ def _ks(_ctx, param, value):
                    "(default: those recorded in an .npz).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 @common
-def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, seed, json_path, id_column,
+def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_groups, seed, json_path, id_column,
                 label_column, group_column, channel_suffixes, force, quiet):
-    """Evaluate embeddings by weighted k-NN: macro F1 (mean ± std over folds) and accuracy per k.
+    """Evaluate embeddings by weighted k-NN, per k: macro F1 of the pooled out-of-fold predictions,
+    and macro F1 and accuracy per fold (mean ± std); leave-one-out: pooled macro F1 and accuracy.
 
     EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin). Several EMB
     files (e.g. random-init and pretrained) are evaluated on the same folds and shown side by side.
@@ -55,7 +67,8 @@ def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, seed, 
         raise click.UsageError("--ids goes with a single EMB; use .npz files to compare several")
     if json_path:
         check_destination(json_path, force)
-    labels = read_labels(labels_path, id_column=id_column, label_column=label_column, group_column=group_column)
+    labels = read_labels(labels_path, id_column=id_column, label_column=label_column,
+                         group_column=None if no_groups else group_column)
     runs, records = [], []
     for emb in embs:
         emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None)
@@ -72,9 +85,9 @@ def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, seed, 
         meta = {"embeddings": emb_file.source, "labels": labels_path, "rows": int(len(matched.rows)),
                 "classes": matched.classes, "multilabel": matched.multilabel, "temperature": temperature,
                 "protocol": "leave-one-out" if loo else f"{folds}-fold", "seed": seed,
-                "grouped": matched.groups is not None}
+                "grouped": matched.groups is not None, "no_groups": no_groups}
         records.append(results_to_json(results, meta))
-    click.echo(format_table(runs))
+    click.echo(format_table(runs, loo))
     if json_path:
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump({"runs": records}, f, indent=2)

@@ -2,7 +2,7 @@
 
 For each seed s in seed, seed + 1, ... (`--seeds`), the labelled rows are split into `--folds`
 folds (stratified by class, grouped by the labels' group column when present, so no protein is
-on both sides: protloc.knn.splits, seeded by s). For each fold:
+on both sides: protloc.folds.splits, seeded by s). For each fold:
 
     training part  the other folds
       -> a stratified fraction of it, at least one row per class (`--fraction`, seeded by s)
@@ -10,11 +10,13 @@ on both sides: protloc.knn.splits, seeded by s). For each fold:
          stratified and grouped), used only for early stopping
     test part      the fold itself, always whole
 
-Every row is tested once per seed. Macro F1 and accuracy are computed per fold (as in
-protloc.knn: macro over the classes present in the fold's truth or predictions) and reported as
-mean +- population std over folds x seeds, like the study's tables. Per-class F1 and the
-confusion matrix come from each seed's pooled out-of-fold predictions (per-class F1 averaged
-over seeds, confusion matrices summed).
+Every row is tested once per seed. Only measurable classes are scored (protloc.folds: rows in at
+least 2 groups). Two macro F1 figures are reported: the pooled one, of each seed's out-of-fold
+predictions of all rows together (mean +- std over seeds; the mean of the per-class F1 table),
+and the per-fold one, each fold's own macro F1 over the classes its test rows hold, as mean +-
+population std over folds x seeds, like the study's tables. Per-class F1 and the confusion matrix
+come from each seed's pooled out-of-fold predictions (per-class F1 averaged over seeds, confusion
+matrices summed).
 
 The MODEL that finetune writes is one more fit whose training part is all labelled rows
 (`final_split`), with the same fraction and validation carving.
@@ -27,10 +29,11 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, multilabel_confusion_matrix
+from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
 
 from protloc.errors import ProtlocError
-from protloc.knn import metrics, predict, splits
+from protloc.folds import metrics, per_class_f1, splits
+from protloc.knn import predict
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +51,13 @@ class Split:
 class RunResult:
     seed: int
     fold: int
-    macro_f1: float
-    accuracy: float
+    macro_f1: float | None  # None: the fold tests only rows of unmeasurable classes
+    accuracy: float | None
     n_train: int
     n_val: int
     n_test: int
     best_epoch: int  # 1-based epoch whose weights were kept
     epochs: int  # epochs run before stopping
-
-
-def check_classes(y: np.ndarray, classes: list[str], folds: int, source: str) -> None:
-    """A class needs 2 labelled rows to be both trained on and tested; fewer than `folds` rows
-    leave some folds without it (allowed, with a warning)."""
-    counts = np.asarray(y).sum(0)
-    lonely = [f"{c} ({int(k)})" for c, k in zip(classes, counts) if k < 2]
-    if lonely:
-        raise ProtlocError(f"{source}: class(es) with fewer than 2 labelled rows cannot be cross-validated: "
-                           f"{', '.join(lonely[:5])}; label more, drop them, or use --folds 0 to only fit a model")
-    few = [c for c, k in zip(classes, counts) if k < folds]
-    if few:
-        log.warning("class(es) %s have fewer rows than the %d folds: some folds test none of them",
-                    ", ".join(few[:5]), folds)
 
 
 def stratified_fraction(y: np.ndarray, rows: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -101,7 +90,7 @@ def validation_split(y, groups, rows: np.ndarray, fraction: float, seed: int,
         try:
             with warnings.catch_warnings():  # sklearn warns about small classes; the split is still valid
                 warnings.simplefilter("ignore", UserWarning)
-                # protloc.knn.splits stratifies single-label tasks only: multilabel=True gives plain (Group)KFold
+                # protloc.folds.splits stratifies single-label tasks only: multilabel=True gives plain (Group)KFold
                 train, val = next(iter(splits(sub_y, sub_groups if grouped else None, n_splits, seed,
                                               multilabel=not stratified)))
             return rows[np.sort(train)], rows[np.sort(val)], grouped
@@ -131,9 +120,7 @@ def plan(y: np.ndarray, groups, multilabel: bool, folds: int, seeds: int, seed: 
     """The folds x seeds splits of the protocol above."""
     out, ungrouped = [], 0
     for s in range(seed, seed + seeds):
-        with warnings.catch_warnings():  # sklearn warns about classes smaller than the folds: check_classes does
-            warnings.simplefilter("ignore", UserWarning)
-            fold_list = list(splits(y, groups, folds, s, multilabel))
+        fold_list = list(splits(y, groups, folds, s, multilabel))
         for k, (train, test) in enumerate(fold_list):
             train, val, grouped = _carve(y, groups, np.sort(train), s, k, multilabel, fraction, val_fraction)
             ungrouped += not grouped
@@ -152,16 +139,17 @@ def final_split(y: np.ndarray, groups, multilabel: bool, seed: int = 0, fraction
 
 
 def cross_validate(task, y: np.ndarray, multilabel: bool, split_list: list[Split], on_epoch=None,
-                   on_fit=None) -> tuple[list[RunResult], dict[int, np.ndarray]]:
+                   on_fit=None, scored: np.ndarray | None = None) -> tuple[list[RunResult], dict[int, np.ndarray]]:
     """Fit and test `task` on every split. `task.fit(train, val, seed, on_epoch)` returns a fitted
     model with `.best_epoch` and `.epochs`; `task.predict(fitted, rows)` its (rows, classes)
-    probabilities. Returns the runs and, per seed, the pooled out-of-fold probabilities."""
+    probabilities. Each run is scored on the `scored` classes (protloc.folds.metrics; default
+    all). Returns the runs and, per seed, the pooled out-of-fold probabilities."""
     runs, pooled = [], {}
     for sp in split_list:
         fitted = task.fit(sp.train, sp.val, sp.seed, on_epoch)
         probs = task.predict(fitted, sp.test)
         pooled.setdefault(sp.seed, np.full((len(y), y.shape[1]), np.nan, dtype=np.float32))[sp.test] = probs
-        f1, acc = metrics(y[sp.test], predict(probs, multilabel), multilabel)
+        f1, acc = metrics(y[sp.test], predict(probs, multilabel), scored) or (None, None)
         runs.append(RunResult(sp.seed, sp.fold, f1, acc, len(sp.train), len(sp.val), len(sp.test),
                               fitted.best_epoch, fitted.epochs))
         if on_fit is not None:
@@ -169,26 +157,37 @@ def cross_validate(task, y: np.ndarray, multilabel: bool, split_list: list[Split
     return runs, pooled
 
 
+def _mean_std(values) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
 def summarize(runs: list[RunResult], pooled: dict[int, np.ndarray], y: np.ndarray, classes: list[str],
-              multilabel: bool) -> dict:
-    """The JSON-able report: mean +- std macro F1 and accuracy over runs, per-class F1 and the
-    confusion matrix of the pooled out-of-fold predictions, and every run."""
+              multilabel: bool, scored: np.ndarray | None = None) -> dict:
+    """The JSON-able report: macro F1 and accuracy of the pooled out-of-fold predictions (mean +-
+    std over seeds) and per fold (mean +- std over the runs that scored a row), per-class F1 (null
+    for classes not scored) and the confusion matrix of the pooled predictions, and every run."""
+    scored = np.ones(len(classes), dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
     labels = list(range(len(classes)))
-    per_seed = []
+    per_seed, pooled_scores = [], []
     for seed, probs in pooled.items():
         pred = predict(probs, multilabel)
-        per_class = f1_score(y, pred, labels=labels, average=None, zero_division=0) if multilabel else \
-            f1_score(y.argmax(1), pred.argmax(1), labels=labels, average=None, zero_division=0)
+        per_class = per_class_f1(y, pred, scored)
         confusion = multilabel_confusion_matrix(y, pred) if multilabel else \
             confusion_matrix(y.argmax(1), pred.argmax(1), labels=labels)
-        per_seed.append({"seed": seed, "per_class_f1": dict(zip(classes, map(float, per_class))),
+        per_seed.append({"seed": seed, "per_class_f1": {c: float(f) if s else None
+                                                        for c, f, s in zip(classes, per_class, scored)},
                          "confusion_matrix": confusion.tolist()})
-    f1s, accs = [r.macro_f1 for r in runs], [r.accuracy for r in runs]
+        pooled_scores.append(metrics(y, pred, scored))
+    fold_scores = [(r.macro_f1, r.accuracy) for r in runs if r.macro_f1 is not None]
     return {
         "classes": classes, "multilabel": multilabel,
-        "macro_f1": {"mean": float(np.mean(f1s)), "std": float(np.std(f1s)), "n": len(runs)},
-        "accuracy": {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(runs)},
-        "per_class_f1": {c: float(np.mean([s["per_class_f1"][c] for s in per_seed])) for c in classes},
+        "scored_classes": [c for c, s in zip(classes, scored) if s],
+        "macro_f1_pooled": _mean_std([f1 for f1, _ in pooled_scores]),
+        "accuracy_pooled": _mean_std([acc for _, acc in pooled_scores]),
+        "macro_f1": _mean_std([f1 for f1, _ in fold_scores]),
+        "accuracy": _mean_std([acc for _, acc in fold_scores]),
+        "per_class_f1": {c: float(np.mean([s["per_class_f1"][c] for s in per_seed])) if ok else None
+                         for c, ok in zip(classes, scored)},
         "confusion_matrix": np.sum([s["confusion_matrix"] for s in per_seed], axis=0).tolist(),
         "confusion_matrix_layout": ("per class [[tn, fp], [fn, tp]]" if multilabel
                                     else "rows: true class, columns: predicted class (classes order)"),
@@ -198,13 +197,15 @@ def summarize(runs: list[RunResult], pooled: dict[int, np.ndarray], y: np.ndarra
 
 
 def format_table(report: dict, folds: int, seeds: int) -> str:
-    """Per-class F1, then macro F1 and accuracy as mean ± std, as plain text."""
+    """Per-class F1 (pooled out-of-fold predictions), then macro F1 and accuracy: pooled (± std
+    over seeds when several) beside per fold (mean ± std over folds x seeds), as plain text."""
     width = max(12, *(len(c) + 2 for c in report["classes"]))
     lines = [f"{'class':<{width}}F1"]
-    lines += [f"{c:<{width}}{f1:.3f}" for c, f1 in report["per_class_f1"].items()]
-    for name in ("macro_f1", "accuracy"):
-        m = report[name]
-        label = "macro F1" if name == "macro_f1" else "accuracy"
-        lines.append(f"{label:<{width}}{m['mean']:.3f} ± {m['std']:.3f}"
+    lines += [f"{c:<{width}}{f'{f1:.3f}' if f1 is not None else 'n/a (rows in fewer than 2 groups: not scored)'}"
+              for c, f1 in report["per_class_f1"].items()]
+    for name, label in (("macro_f1", "macro F1"), ("accuracy", "accuracy")):
+        pooled, per_fold = report[f"{name}_pooled"], report[name]
+        lines.append(f"{label:<{width}}pooled {pooled['mean']:.3f}" + (f" ± {pooled['std']:.3f}" if seeds > 1 else "")
+                     + f", per fold {per_fold['mean']:.3f} ± {per_fold['std']:.3f}"
                      + (f"   ({folds} folds x {seeds} seed{'s' if seeds != 1 else ''})" if name == "macro_f1" else ""))
     return "\n".join(lines)

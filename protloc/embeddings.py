@@ -1,10 +1,10 @@
 """The embeddings file format: .npy rows (+ an ids file) or one .npz with ids and meta.
 
-    .npy   float32 (N, D); ids in a text file beside it (`--ids`), one line per row
+    .npy   float32 (N, D); ids in a text file beside it (`--ids`), one line per row (stripped)
     .npz   embeddings float32 (N, D), ids str (N,), meta: a JSON string (model, checkpoint
            hash, channels, normalization, pooling, the working directory ids are relative to)
 
-Everything loads with allow_pickle=False.
+Everything loads with allow_pickle=False. Ids are unique: a repeated id is an error naming it.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ class Embeddings:
 
 
 def read_embeddings(path: str, ids_path: str | None = None, stdin=None) -> Embeddings:
-    """Read an embeddings file ("-": an .npy or .npz from `stdin`, buffered) and check it."""
+    """Read an embeddings file ("-": an .npy or .npz from `stdin`, buffered) and check it: a 2-D
+    array of finite values, one unique id per row (from `ids_path`, else the .npz's own).
+    Raises ProtlocError naming the file."""
     name = "<stdin>" if path == "-" else path
     try:
         data = np.load(io.BytesIO(stdin.read()) if path == "-" else path, allow_pickle=False)
@@ -110,11 +112,33 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None) -> Embed
         bad = int((~np.isfinite(x)).any(axis=1).sum())
         raise ProtlocError(f"{name}: {bad} row(s) hold NaN or infinite values")
     if ids_path is not None:
-        try:
-            with open(ids_path) as f:
-                ids = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            raise ProtlocError(f"{ids_path}: cannot read ids ({e.strerror})") from None
-    if ids is not None and len(ids) != x.shape[0]:
-        raise ProtlocError(f"{ids_path or name}: {len(ids)} ids for {x.shape[0]} embedding rows")
+        ids = read_ids(ids_path)
+    if ids is not None:
+        _check_ids(ids, ids_path or name, x.shape[0])
     return Embeddings(x, ids, meta, name)
+
+
+def read_ids(path) -> list[str]:
+    """An ids file: one id per line, stripped of surrounding blanks (as the labels CSV's fields);
+    blank lines at the end are ignored, a blank line before the last id is an error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProtlocError(f"{path}: cannot read ids ({getattr(e, 'strerror', None) or e})") from None
+    while ids and not ids[-1]:
+        ids.pop()
+    if "" in ids:
+        raise ProtlocError(f"{path}: line {ids.index('') + 1} is blank: every line names one embedding row")
+    return ids
+
+
+def _check_ids(ids: list[str], source: str, rows: int) -> None:
+    """One id per row, each naming one row only."""
+    if len(ids) != rows:
+        raise ProtlocError(f"{source}: {len(ids)} ids for {rows} embedding rows")
+    first: dict[str, int] = {}
+    for row, id_ in enumerate(ids):
+        if first.setdefault(id_, row) != row:
+            raise ProtlocError(f"{source}: id {id_} is repeated (rows {first[id_] + 1} and {row + 1}): each "
+                               "embedding row needs its own id")

@@ -34,8 +34,8 @@ from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view,
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
-from protloc.head import (EarlyStopping, Head, epoch_order, loss_function, macro_f1, probabilities, sample_weights,
-                          targets)
+from protloc.folds import evaluation_groups, metrics
+from protloc.head import EarlyStopping, Head, epoch_order, loss_function, probabilities, sample_weights, targets
 from protloc.knn import predict
 from protloc.labels import Matched, strip_fragment
 from protloc.model import VisionTransformer
@@ -74,19 +74,11 @@ class LabelledRows:
     multilabel: bool
 
 
-def _groups(ids: list[str], label_groups) -> np.ndarray | None:
-    """The labels' groups; without them, the tiles (cells) of one image form a group, so an
-    image is never on both sides of a split."""
-    if label_groups is not None:
-        return np.asarray(label_groups)
-    images = [strip_fragment(i) for i in ids]
-    return np.asarray(images) if images != list(ids) else None
-
-
-def labelled_rows(ids: list[str], matched: Matched) -> LabelledRows:
-    """The labelled subset of embedding rows `ids`, as protloc.labels.match_rows found it."""
-    kept = [ids[r] for r in matched.rows]
-    return LabelledRows(kept, matched.y, _groups(kept, matched.groups), matched.classes, matched.multilabel)
+def labelled_rows(matched: Matched) -> LabelledRows:
+    """The labelled embedding rows that protloc.labels.match_rows found, grouped for
+    cross-validation (protloc.folds.evaluation_groups)."""
+    return LabelledRows(matched.ids, matched.y, evaluation_groups(matched.ids, matched.groups), matched.classes,
+                        matched.multilabel)
 
 
 def rows_of(labelled: LabelledRows, ids: list[str]) -> LabelledRows:
@@ -94,7 +86,8 @@ def rows_of(labelled: LabelledRows, ids: list[str]) -> LabelledRows:
     index = {image: k for k, image in enumerate(labelled.ids)}
     take = [index[strip_fragment(i)] for i in ids]
     groups = labelled.groups[take] if labelled.groups is not None else None
-    return LabelledRows(list(ids), labelled.y[take], _groups(list(ids), groups), labelled.classes, labelled.multilabel)
+    return LabelledRows(list(ids), labelled.y[take], evaluation_groups(list(ids), groups), labelled.classes,
+                        labelled.multilabel)
 
 
 def embed_all(model, sources, opts, **kw) -> tuple[list[str], np.ndarray]:
@@ -201,7 +194,7 @@ class FrozenTask:
             with torch.no_grad():
                 logits = head(x[val])
                 loss = float(loss_fn(logits, t[val]))
-            f1 = macro_f1(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
+            f1, _ = metrics(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
             return f1, loss
 
         stopper = EarlyStopping(cfg.patience, head)
@@ -323,7 +316,7 @@ class FullTask:
 
         def evaluate():
             logits = self._logits(backbone, head, val)
-            f1 = macro_f1(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
+            f1, _ = metrics(rows.y[val], predict(probabilities(logits, rows.multilabel), rows.multilabel))
             return f1, float(val_loss_fn(logits, self.t[val]))
 
         stopper = EarlyStopping(cfg.patience, backbone, head)

@@ -105,16 +105,6 @@ def epoch_order(n: int, balance: str, weights: torch.Tensor | None, generator: t
     return torch.randperm(n, generator=generator)
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro F1 of 0/1 indicator matrices over the classes present in either, as protloc.knn.metrics
-    computes it, in plain numpy: it runs every epoch, where scikit-learn's checks cost more than
-    the head's step."""
-    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
-    present = (t | p).any(0)
-    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present]))) if present.any() else 0.0
-
-
 class EarlyStopping:
     """Keeps the weights of the best epoch: highest validation macro F1, ties broken by the lower
     validation loss (a small validation set saturates F1 early). Stops after `patience` epochs

@@ -46,11 +46,13 @@ class Labels:
 @dataclass
 class Matched:
     rows: np.ndarray                # indices of the embedding rows that have a label, ascending
+    ids: list[str]                  # the ids of those rows
     y: np.ndarray                   # (len(rows), n_classes) uint8 indicator matrix
     groups: np.ndarray | None       # group per matched row (str), or None
     classes: list[str]
     multilabel: bool
     unlabeled: int                  # embedding rows without a label (ignored)
+    source: str                     # the labels CSV, for messages
 
 
 def read_labels(csv_path, id_column: str | None = None, label_column: str = "label",
@@ -60,9 +62,11 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
     id_column None means `path` if the CSV has it, else `id`. A column called `id` holds
     free-form ids, kept as strings; any other (`path`, or a custom one like `protein_file`) holds
     file paths, resolved against the CSV's folder (absolute, normalized). The group column is
-    optional when it is the default `group`; a group column named explicitly must exist.
-    Rows repeated with the same labels and group are kept once (with a warning); the same key
-    with different labels or groups is an error.
+    optional when it is the default `group`; a group column named explicitly must exist; None
+    reads no groups. Every field is stripped of surrounding blanks; class names that differ only
+    in case are one class (the most frequent spelling; a warning names them). Rows repeated with
+    the same labels and group are kept once (with a warning); the same key with different labels
+    or groups is an error.
     """
     src = str(csv_path)
     try:
@@ -93,16 +97,14 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
 
     by_path = id_column != "id"  # any column other than 'id' holds file paths (e.g. protein_file)
     base = os.path.dirname(os.path.abspath(src))
-    seen: dict[str, int] = {}
-    keys, labels, groups = [], [], []
-    repeated = 0
+    parsed = []  # (line, raw id, key, class names as written (stripped), group)
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         raw = (row.get(id_column) or "").strip()
         if not raw:
             raise ProtlocError(f"{src}: line {line}: empty '{id_column}'")
         path, fragment = split_fragment(raw)
         key = os.path.normpath(os.path.join(base, os.path.expanduser(path))) + fragment if by_path else raw
-        names = tuple(sorted({s.strip() for s in (row.get(label_column) or "").split(";") if s.strip()}))
+        names = {s.strip() for s in (row.get(label_column) or "").split(";") if s.strip()}
         if not names:
             raise ProtlocError(f"{src}: line {line}: empty '{label_column}' for {raw}")
         group = None
@@ -110,6 +112,14 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
             group = (row.get(group_column) or "").strip()
             if not group:
                 raise ProtlocError(f"{src}: line {line}: empty '{group_column}' for {raw}")
+        parsed.append((line, raw, key, names, group))
+
+    canonical = _canonical_classes([names for _, _, _, names, _ in parsed], src)
+    seen: dict[str, int] = {}
+    keys, labels, groups = [], [], []
+    repeated = 0
+    for line, raw, key, names, group in parsed:
+        names = tuple(sorted({canonical[n] for n in names}))
         if key in seen:
             i = seen[key]
             if labels[i] != names or (groups[i] if groups else None) != group:
@@ -127,6 +137,28 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
     return Labels(keys=keys, labels=labels, groups=groups if group_column is not None else None,
                   classes=sorted({c for names in labels for c in names}),
                   multilabel=any(len(names) > 1 for names in labels), source=src, by_path=by_path)
+
+
+def _canonical_classes(names_per_row: list[set[str]], source: str) -> dict[str, str]:
+    """Class name as written -> the class: names that differ only in case are one class, spelt as
+    most rows spell it (ties: the spelling met first), with one warning naming the spellings."""
+    counts: dict[str, int] = {}  # insertion order: the order spellings are met
+    for names in names_per_row:
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    spellings: dict[str, list[str]] = {}
+    for name in counts:
+        spellings.setdefault(name.casefold(), []).append(name)
+    canonical, merged = {}, []
+    for same in spellings.values():
+        chosen = max(same, key=counts.__getitem__)  # the first of the most frequent
+        canonical.update(dict.fromkeys(same, chosen))
+        if len(same) > 1:
+            merged.append(" and ".join(f"'{n}' ({counts[n]} row{'s' if counts[n] != 1 else ''})" for n in same)
+                          + f" -> '{chosen}'")
+    if merged:
+        log.warning("%s: class names that differ only in case are taken as one class: %s", source, "; ".join(merged))
+    return canonical
 
 
 def split_fragment(id_: str) -> tuple[str, str]:
@@ -250,8 +282,9 @@ def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
     groups = np.asarray([labels.groups[i] for i in label_of_row], dtype=str) if labels.groups is not None else None
     if len(ids) > len(rows):
         log.info("%d of %d embedding rows have no label in %s", len(ids) - len(rows), len(ids), labels.source)
-    return Matched(rows=np.asarray(rows, dtype=np.int64), y=y, groups=groups, classes=list(labels.classes),
-                   multilabel=labels.multilabel, unlabeled=len(ids) - len(rows))
+    return Matched(rows=np.asarray(rows, dtype=np.int64), ids=[str(ids[r]) for r in rows], y=y, groups=groups,
+                   classes=list(labels.classes), multilabel=labels.multilabel, unlabeled=len(ids) - len(rows),
+                   source=labels.source)
 
 
 def _shown(labels: Labels, i: int) -> str:

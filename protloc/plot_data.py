@@ -112,7 +112,7 @@ class Confusion:
     matrix: np.ndarray  # single-label (n, n): rows true, columns predicted; multi-label (n, 2, 2) [[tn, fp], [fn, tp]]
     per_class_f1: np.ndarray
     multilabel: bool
-    macro_f1: tuple[float, float, int]  # mean, std, number of runs
+    macro_f1: tuple[float, float, int]  # of the pooled out-of-fold predictions: mean, std, number of seeds
 
 
 def read_confusion(path) -> Confusion:
@@ -123,9 +123,9 @@ def read_confusion(path) -> Confusion:
     try:
         classes = [str(c) for c in data["classes"]]
         matrix = np.asarray(data["confusion_matrix"], dtype=float)
-        per_class = np.array([data["per_class_f1"][c] for c in classes], dtype=float)
+        per_class = np.array([data["per_class_f1"][c] for c in classes], dtype=float)  # null (not scored): NaN
         multilabel = bool(data.get("multilabel", False))
-        f1 = data["macro_f1"]
+        f1 = data["macro_f1_pooled"]  # the figure the per-class F1 belong to (not the per-fold mean)
         macro = (float(f1["mean"]), float(f1["std"]), int(f1.get("n", 1)))
     except (KeyError, TypeError, ValueError) as e:
         raise ProtlocError(f"{path}: no confusion matrix and per-class F1 (expected a `protloc finetune --json` "

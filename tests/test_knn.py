@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from protloc.errors import ProtlocError
-from protloc.knn import (KnnResult, cross_validate, format_table, knn_scores, predict, results_to_json,
-                         splits)
+from protloc.folds import scored_classes, splits
+from protloc.knn import KnnResult, cross_validate, format_table, knn_scores, predict, results_to_json
 from protloc.labels import Matched
 
 T = 0.07
@@ -48,6 +48,13 @@ def brute_force(x, y, groups, k, temperature, multilabel):
     return preds
 
 
+def labelled(y, groups=None, rows=None, unlabeled=0):
+    """Matched rows 0..n-1 (or `rows`) with ids r0, r1, ... and classes a, b, c."""
+    rows = np.arange(len(y)) if rows is None else rows
+    return Matched(rows, [f"r{i}" for i in rows], y, groups, ["a", "b", "c"], y.sum(1).max() > 1, unlabeled,
+                   "labels.csv")
+
+
 def loo_mask(groups, n):
     own = np.arange(n) if groups is None else np.unique(groups, return_inverse=True)[1]
     return own[:, None] == own[None, :]
@@ -72,8 +79,7 @@ def dataset(multilabel, seed=0):
 def test_loo_matches_brute_force(multilabel, grouped):
     x, y = dataset(multilabel)
     groups = np.asarray([f"g{i}" for i in np.random.default_rng(5).integers(0, 12, len(x))]) if grouped else None
-    matched = Matched(rows=np.arange(len(x)), y=y, groups=groups, classes=["a", "b", "c"],
-                      multilabel=multilabel, unlabeled=0)
+    matched = labelled(y, groups)
     ks = [1, 3, 5, 10, 20]
     results = {r.k: r for r in cross_validate(x, matched, ks=ks, loo=True, temperature=T)}
     scores = knn_scores(x, y, x, ks, T, exclude=loo_mask(groups, len(x)))
@@ -164,33 +170,30 @@ def test_ungrouped_splits_cover_every_row_once():
 def test_too_many_folds():
     x, y = dataset(False)
     groups = np.asarray(["a", "b", "c"] * 20)
-    matched = Matched(np.arange(len(x)), y, groups, ["a", "b", "c"], False, 0)
     with pytest.raises(ProtlocError, match="5 folds need at least 5 groups"):
-        cross_validate(x, matched, folds=5)
-    small = Matched(np.arange(3), y[:3], None, ["a", "b", "c"], False, 0)
+        cross_validate(x, labelled(y, groups), folds=5)
+    small = labelled(one_hot(np.array([0, 0, 1, 1]), 3))
     with pytest.raises(ProtlocError, match="at least 5 labelled rows"):
         cross_validate(x, small, folds=5)
 
 
 def test_separated_clusters_score_perfectly():
     x, cluster = clustered(n=90, spread=0.05)
-    matched = Matched(np.arange(len(x)), one_hot(cluster, 3), None, ["a", "b", "c"], False, 0)
-    for r in cross_validate(x, matched, ks=(1, 5, 10), folds=5):
+    for r in cross_validate(x, labelled(one_hot(cluster, 3)), ks=(1, 5, 10), folds=5):
         assert r.f1_macro_mean == 1.0 and r.accuracy_mean == 1.0 and len(r.f1_per_fold) == 5
 
 
 def test_random_labels_score_about_chance():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 16))
-    matched = Matched(np.arange(len(x)), one_hot(rng.integers(0, 3, len(x)), 3), None, ["a", "b", "c"], False, 0)
-    for r in cross_validate(x, matched, ks=(10, 20), folds=5):
+    for r in cross_validate(x, labelled(one_hot(rng.integers(0, 3, len(x)), 3)), ks=(10, 20), folds=5):
         assert 0.22 < r.f1_macro_mean < 0.45
 
 
 def test_rows_select_embeddings_and_k_is_clipped(caplog):
     x, cluster = clustered(n=12, spread=0.05)
     x = np.concatenate([np.full((3, x.shape[1]), 99.0), x])  # 3 unlabelled rows first
-    matched = Matched(np.arange(3, 15), one_hot(cluster, 3), None, ["a", "b", "c"], False, 3)
+    matched = labelled(one_hot(cluster, 3), rows=np.arange(3, 15), unlabeled=3)
     with caplog.at_level(logging.WARNING, logger="protloc.knn"):
         results = cross_validate(x, matched, ks=(1, 50), loo=True)
     assert [r.k for r in results] == [1, 11]
@@ -199,17 +202,20 @@ def test_rows_select_embeddings_and_k_is_clipped(caplog):
 
 
 def test_table_and_json():
-    results = [KnnResult(1, 0.8123, 0.0213, 0.83, 0.018, [0.8, 0.82]),
-               KnnResult(20, 0.9, 0.0, 0.91, 0.0, [0.9, 0.9])]
+    results = [KnnResult(1, 0.8234, 0.84, 0.8123, 0.0213, 0.83, 0.018, [0.8, 0.82]),
+               KnnResult(20, 0.95, 0.96, 0.9, 0.0, 0.91, 0.0, [0.9, 0.9])]
     lines = format_table([("e.npz", results)]).splitlines()
-    assert lines[0].split() == ["k", "macro", "F1", "accuracy"]
-    assert lines[1] == "1    0.812 ± 0.021    0.830 ± 0.018"
+    assert lines[0].split() == ["k", "macro", "F1", "pooled", "macro", "F1", "per", "fold", "accuracy", "per", "fold"]
+    assert lines[1] == "1    0.823              0.812 ± 0.021      0.830 ± 0.018"
+    assert lines[0].index("macro F1 per fold") == lines[1].index("0.812")
     assert lines[0].index("accuracy") == lines[1].index("0.830")
     side_by_side = format_table([("random.npz", results), ("dino.npz", results[::-1])]).splitlines()
     assert side_by_side[0].split() == ["random.npz", "dino.npz"] and len(side_by_side) == 4
-    assert side_by_side[2].split() == ["1", "0.812", "±", "0.021", "0.830", "±", "0.018",
-                                       "0.900", "±", "0.000", "0.910", "±", "0.000"]
-    assert side_by_side[0].index("dino.npz") == side_by_side[2].index("0.900")
+    assert side_by_side[2].split() == ["1", "0.823", "0.812", "±", "0.021", "0.830", "±", "0.018",
+                                       "0.950", "0.900", "±", "0.000", "0.910", "±", "0.000"]
+    assert side_by_side[0].index("dino.npz") == side_by_side[2].index("0.950")
+    loo = format_table([("e.npz", results)], loo=True).splitlines()
+    assert loo[0].split() == ["k", "macro", "F1", "pooled", "accuracy", "pooled"] and loo[1].split() == ["1", "0.823", "0.840"]
     record = json.loads(json.dumps(results_to_json(results, {"folds": 2})))
     assert record["meta"] == {"folds": 2} and record["results"][1]["k"] == 20
 
@@ -217,9 +223,10 @@ def test_table_and_json():
 def test_a_class_with_fewer_rows_than_folds_is_a_clear_warning(caplog):
     import warnings
 
-    y = np.array([0] * 10 + [1] * 10 + [2])  # class "rare" has one row
+    y = np.array([0] * 10 + [1] * 10 + [2] * 3)  # class "rare" has three rows
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # scikit-learn's own UserWarning must not leak out
-        folds = list(splits(y, folds=5, class_names=["a", "b", "rare"]))
-    assert len(folds) == 5 and sorted(np.concatenate([t for _, t in folds])) == list(range(21))
-    assert "rare (1 row)" in caplog.text and "fewer labelled rows than the 5 folds" in caplog.text
+        folds = list(splits(y, folds=5))
+    assert len(folds) == 5 and sorted(np.concatenate([t for _, t in folds])) == list(range(23))
+    assert scored_classes(one_hot(y, 3), None, ["a", "b", "rare"], "labels.csv", folds=5).all()
+    assert "rare (3 rows) have fewer rows than the 5 folds" in caplog.text
