@@ -27,13 +27,11 @@ afterwards (deterministic, no atomics). The gradients of bias, positional, CLS a
 embeddings are plain sums of d_out over batch, group and patch: one torch reduction over d_out.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from protloc.kernels.interpreter import INTERPRETED, loop_bound
 
 # BLOCK_K divides p * p (64 or 256), so a K block never straddles two channels
 _FWD_CONFIGS = [
@@ -87,7 +85,7 @@ def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
     row_ok = rows < M
     col_ok = cols < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, Cg):
+    for c in range(0, loop_bound(Cg)):
         for k0 in range(0, P * P, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             a = _gather_patches(pixels, scale, shift, rows, row_ok, c, kk, N, G, Cg, GW, s_pb, s_pc, s_ph, s_pw, P)
@@ -126,7 +124,7 @@ def _patch_embed_bwd_weight(pixels, scale, shift, grad, partial,
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, stop, BLOCK_M):
+    for m0 in range(loop_bound(start), loop_bound(stop), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < stop
         a = _gather_patches(pixels, scale, shift, rows, row_ok, c, kk, N, G, Cg, GW, s_pb, s_pc, s_ph, s_pw, P)
