@@ -33,20 +33,28 @@ import triton.language as tl
 
 from protloc.kernels.interpreter import INTERPRETED, loop_bound
 
-# BLOCK_K divides p * p (64 or 256), so a K block never straddles two channels
-_FWD_CONFIGS = [
+# The GPU configs. A K block must lie within one channel's patch: BLOCK_K divides p * p (see
+# `takes_patch`), else a block would read past the patch into the next channel and past the weight.
+FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
-_BWD_CONFIGS = [
+BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
-if INTERPRETED:  # one small config: the interpreter is ~1000x slower and autotuning there means nothing
-    _FWD_CONFIGS = _BWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+# under the interpreter, one small config: it is ~1000x slower and autotuning there means nothing
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+# p * p must be a multiple of the largest BLOCK_K (64; every BLOCK_K divides it)
+PATCH_AREA_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in FWD_CONFIGS + BWD_CONFIGS)
+
+
+def takes_patch(p):
+    """Whether the kernel takes patch size p (8, 16, 24, 32, ...); the same rule under the interpreter as on a GPU."""
+    return p * p % PATCH_AREA_MULTIPLE == 0
 
 
 @triton.jit
@@ -71,7 +79,7 @@ def _gather_patches(pixels, scale, shift, rows, row_ok, c, kk,
     return x * s[:, None] + sh[:, None]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["K", "D", "Cg"])
+@triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRETED else FWD_CONFIGS, key=["K", "D", "Cg"])
 @triton.jit
 def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
                      M, N, K, D, G, Cg, GW,
@@ -106,7 +114,7 @@ def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
     tl.store(out + token[:, None] + cols[None, :], acc.to(out.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["K", "D", "Cg"])
+@triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRETED else BWD_CONFIGS, key=["K", "D", "Cg"])
 @triton.jit
 def _patch_embed_bwd_weight(pixels, scale, shift, grad, partial,
                             M, N, K, D, G, Cg, GW, rows_per_split,
@@ -154,8 +162,9 @@ def _shape(pixels, weight, channelwise: bool):
     G = C if channelwise else 1
     if G * Cg != C:
         raise ValueError(f"a projection over {Cg} channel(s) cannot embed {C}-channel images in this layout")
-    if p * p % 16:
-        raise ValueError(f"patch size {p}: the kernel needs p * p to be a multiple of 16")
+    if not takes_patch(p):
+        raise ValueError(f"patch size {p}: the Triton kernel needs p * p to be a multiple of {PATCH_AREA_MULTIPLE} "
+                         f"(patch 8, 16, 24, 32, ...); use the torch path (PROTLOC_BACKEND=torch)")
     return B, C, D, Cg, G, p, H // p, W // p
 
 
