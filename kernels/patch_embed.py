@@ -2,7 +2,8 @@
 
     pixels        (B, C, H, W)  uint8 / uint16 / float16 / bfloat16 / float32, any strides
     scale, shift  (B, C)        float32: the normalization x * scale + shift per (image, channel)
-    weight        (D, Cg, p, p) the projection; Cg = C (`fused` layout) or 1 (`channel` layout)
+    weight        (D, Cg, p, p) the projection; Cg = C (`fused` layout) or 1 (`channel` layout);
+                                p = 8, 16, 24, 32, ... (`takes_patch`; ValueError otherwise)
     bias          (D,)
     pos_embed     (1 + N, D)    positional embedding at this view's grid (N = H//p * W//p)
     cls_token     (D,)

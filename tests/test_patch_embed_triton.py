@@ -85,15 +85,21 @@ def test_interpreted_kernel_matches_reference(layout, B, C, H, W, p, D, pixel_dt
     check_against_float64("cpu", torch.float32, B, C, H, W, p, D, layout, pixel_dtype)
 
 
+def pin_configs(monkeypatch, fwd, bwd):
+    """Run the kernels with GPU autotune configs FWD_CONFIGS[fwd] and BWD_CONFIGS[bwd] alone: with one config
+    the autotuner times nothing and runs that one, so a test checks it (autotuning checks only the fastest)."""
+    monkeypatch.setattr(triton_kernel._patch_embed_fwd, "configs", [triton_kernel.FWD_CONFIGS[fwd]])
+    monkeypatch.setattr(triton_kernel._patch_embed_bwd_weight, "configs", [triton_kernel.BWD_CONFIGS[bwd]])
+
+
 @needs_interpreter
-@pytest.mark.parametrize("fwd,bwd", [(0, 0), (1, 1), (2, 2), (3, 0)], ids=lambda i: str(i))
-def test_gpu_configs_under_the_interpreter(monkeypatch, fwd, bwd):
+@pytest.mark.parametrize("layout,p,fwd,bwd", [("fused", 8, 0, 0), ("channel", 16, 1, 1), ("channel", 8, 2, 2),
+                                              ("fused", 16, 3, 0)])
+def test_gpu_configs_under_the_interpreter(monkeypatch, layout, p, fwd, bwd):
     """The index arithmetic at each GPU autotune config's block sizes (BLOCK_K 64 and 32 within patches of
     64 and 256 pixels), with partial row and column blocks and, but for fused p = 16, the weight gradient
     split into 2 or 3 row chunks."""
-    monkeypatch.setattr(triton_kernel._patch_embed_fwd, "configs", [triton_kernel.FWD_CONFIGS[fwd]])
-    monkeypatch.setattr(triton_kernel._patch_embed_bwd_weight, "configs", [triton_kernel.BWD_CONFIGS[bwd]])
-    layout, p = [("fused", 8), ("channel", 16), ("channel", 8), ("fused", 16)][fwd]
+    pin_configs(monkeypatch, fwd, bwd)
     size = 96 if p == 8 else 144  # 144 or 81 patches per channel
     check_against_float64("cpu", torch.float32, 2, 2, size, size, p, 136, layout, torch.uint16)
 
@@ -151,8 +157,12 @@ def test_model_tokens_through_the_dispatcher(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
-@pytest.mark.parametrize("layout,C,p,size", [
-    ("fused", 2, 16, 224), ("fused", 4, 8, 224), ("channel", 2, 16, 224), ("channel", 4, 8, 96), ("fused", 3, 16, 97),
+@pytest.mark.parametrize("layout,C,p,size,fwd,bwd", [  # per dtype, every forward and backward config once
+    ("fused", 2, 16, 224, 0, 0), ("fused", 4, 8, 224, 1, 1), ("channel", 2, 16, 224, 2, 2),
+    ("channel", 4, 8, 96, 3, 0), ("fused", 3, 16, 97, 0, 1),
 ])
-def test_compiled_kernel_matches_reference(dtype, layout, C, p, size):
+def test_compiled_kernel_matches_reference(monkeypatch, dtype, layout, C, p, size, fwd, bwd):
+    """Pinned configs: each is checked, and the 15 cases compile 30 kernels where autotuning would compile
+    all 7 configs per shape and dtype (~100 compiles, minutes of a GPU run) and check only the fastest."""
+    pin_configs(monkeypatch, fwd, bwd)
     check_against_float64("cuda", dtype, 8, C, size, size, p, 384, layout, torch.uint16)
