@@ -2,7 +2,9 @@
 
 `PROTLOC_BACKEND=auto|triton|torch` (default auto). `auto` runs a Triton kernel when its inputs
 are on CUDA and a Triton kernel exists for the op, the torch reference otherwise; `triton` forces
-the kernels (on CPU tensors that takes TRITON_INTERPRET=1, which is how the tests run them). The torch references (kernels/reference.py) are the spec; every Triton
+the kernels (on CPU tensors that takes TRITON_INTERPRET=1, which is how the tests run them).
+Either way, shapes a kernel does not take (patch sizes, head dims; each kernel module says which)
+run on the reference. The torch references (kernels/reference.py) are the spec; every Triton
 kernel (kernels/<op>.py) is tested against its reference. Where Triton is not installed (it
 ships for Linux x86-64), the references serve alone.
 """
@@ -43,7 +45,8 @@ def patch_embed(pixels, scale, shift, weight, bias, pos_embed, cls_token, channe
 
     The Triton kernel takes patch sizes 8, 16, 24, 32, ... (p * p a multiple of 64; protloc's
     models have 8 or 16); others run on the torch path."""
-    use_triton = backend("patch_embed", pixels) == "triton" and TRITON_OPS["patch_embed"].takes_patch(weight.shape[-1])
+    use_triton = (backend("patch_embed", pixels) == "triton"
+                  and TRITON_OPS["patch_embed"].takes_patch(weight.shape[-1]))
     fn = TRITON_OPS["patch_embed"].patch_embed_triton if use_triton else patch_embed_torch
     return fn(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed)
 
