@@ -8,8 +8,9 @@ decorates, i.e. when a kernel module is imported, so `INTERPRETED` is fixed at i
 from memory) wraps the bound in it. Compiled, it is the identity. Interpreted, a runtime scalar
 is a 1-element numpy array, and Triton 3.6's interpreter turns a loop bound into a Python int
 with `int(array)`, which numpy refuses for arrays with a dimension since 2.4 (TypeError: only
-0-dimensional arrays can be converted to Python scalars); later Triton squeezes the array
-first. Handing `range` a Python int works with either.
+0-dimensional arrays can be converted to Python scalars); Triton 3.9's squeezes the array first.
+Handing `range` a Python int works with either (tests pass with Triton 3.6 and 3.9, numpy 2.3
+and 2.4), and the compiled code is the same as with the bare bound (PTX compared, Triton 3.6, 3.9).
 """
 
 import os
