@@ -15,7 +15,8 @@ Implementations:
              (flash takes no mask); attention only, the pad / unpad copies not timed
   varlen     torch.nn.attention.varlen.varlen_attn (flash varlen), where this torch has it
 
-ms: median of CUDA-event timings after warm-up (triton.testing.do_bench). TFLOP/s counts the useful work
+ms: median of CUDA-event timings after warm-up (triton.testing.do_bench). Rows are printed (and written to
+--out) as measured. TFLOP/s counts the useful work
 only, 4 * L^2 * head_dim * heads per sequence forward and 3.5x that forward + backward (the backward's
 five matmuls are 2.5x the forward's two); "% mm" is that rate over the measured bf16 matmul rate (8192^3).
 The target on an H100: triton >= 1.3x per-size forward + backward.
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from protloc.kernels.reference import attention_torch
+
+from table import Table  # benchmarks/table.py
 
 ARCHS = {"ViT-S": 6, "ViT-B": 12}  # heads; head_dim 64 for both
 
@@ -120,7 +123,7 @@ def time_pass(fn, leaves, backward):
     return do_bench(step, warmup=25, rep=100 if backward else 50, return_mode="median")
 
 
-def sweep(batch, lines):
+def sweep(batch, table):
     """Triton block configurations, forward + backward, at ViT-S C = 1 and 4 (pick the default from this)."""
     attn = importlib.import_module("protloc.kernels.attention")  # the module (protloc.kernels.attention is the op)
     default = attn._config
@@ -133,8 +136,8 @@ def sweep(batch, lines):
         ((64, 64), (16, 64), (64, 16), 4, 4),
         ((32, 64), (32, 32), (32, 32), 4, 3),
     ]
-    lines.append("# sweep: triton block configurations, forward + backward ms")
-    lines.append(f"{'fwd':>10}{'dkdv':>10}{'dq':>10}{'warps':>6}{'stages':>7}{'S C=1 fwd':>11}{'S C=1 f+b':>11}"
+    table.add("# sweep: triton block configurations, forward + backward ms")
+    table.add(f"{'fwd':>10}{'dkdv':>10}{'dq':>10}{'warps':>6}{'stages':>7}{'S C=1 fwd':>11}{'S C=1 f+b':>11}"
                  f"{'S C=4 f+b':>11}")
     packs = [make_pack(batch, C, 6) for C in (1, 4)]
     try:
@@ -150,7 +153,7 @@ def sweep(batch, lines):
                 except Exception as e:  # a configuration that does not compile or fit shared memory
                     row += f"  failed: {type(e).__name__}"
                     break
-            lines.append(row)
+            table.add(row)
     finally:
         attn._config = default
 
@@ -160,7 +163,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes (for benchmarks/gpu_check.sh)")
     ap.add_argument("--sweep", action="store_true", help="also time a few Triton block configurations")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--out", help="also write the table to this file, row by row")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU; nothing measured")
@@ -168,12 +171,13 @@ def main():
     import triton
 
     matmul = measured_matmul_rate()
-    lines = [f"# varlen attention, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-             f"triton {triton.__version__}, python {platform.python_version()}",
-             f"# measured bf16 matmul {matmul:.0f} TFLOP/s; batch {args.batch_size} x (2 global + 8 local crops), "
-             "bf16, head_dim 64; ms = median; per-size = flash SDPA per run, padded = mem-efficient SDPA + mask",
-             f"{'arch':<6}{'C':>2}{'tokens':>8} {'pass':<8}{'impl':<9}{'ms':>9}{'TFLOP/s':>9}{'% mm':>6}"
-             f"{'vs per-size':>12}{'max|diff|':>10}"]
+    table = Table(args.out)
+    table.add(f"# varlen attention, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"triton {triton.__version__}, python {platform.python_version()}")
+    table.add(f"# measured bf16 matmul {matmul:.0f} TFLOP/s; batch {args.batch_size} x (2 global + 8 local crops), "
+              "bf16, head_dim 64; ms = median; per-size = flash SDPA per run, padded = mem-efficient SDPA + mask")
+    table.add(f"{'arch':<6}{'C':>2}{'tokens':>8} {'pass':<8}{'impl':<9}{'ms':>9}{'TFLOP/s':>9}{'% mm':>6}"
+              f"{'vs per-size':>12}{'max|diff|':>10}")
     shapes = [(arch, C) for C in (1, 2, 4) for arch in ARCHS]
     if args.quick:
         shapes = [("ViT-S", 1), ("ViT-B", 1), ("ViT-S", 4)]
@@ -190,22 +194,17 @@ def main():
                 try:
                     times[impl] = time_pass(fn, leaves, backward)
                 except Exception as e:  # e.g. a backend this torch / GPU lacks for these shapes
-                    lines.append(f"# {arch} C={C} {name} {impl}: not run ({type(e).__name__}: {str(e)[:80]})")
+                    table.add(f"# {arch} C={C} {name} {impl}: not run ({type(e).__name__}: {str(e)[:80]})")
             for impl, ms in times.items():
                 tflops = flops / ms / 1e9
                 speedup = f"{times['per-size'] / ms:.2f}x" if "per-size" in times else "-"
-                lines.append(f"{arch:<6}{C:>2}{sum(lengths):>8} {name:<8}{impl:<9}{ms:>9.3f}"
+                table.add(f"{arch:<6}{C:>2}{sum(lengths):>8} {name:<8}{impl:<9}{ms:>9.3f}"
                              f"{tflops:>9.1f}{100 * tflops / matmul:>5.0f}%{speedup:>12}"
                              + (f"{diff:>10.1e}" if impl == "triton" and not backward else ""))
         del q, k, v, qkv, impls
         torch.cuda.empty_cache()
     if args.sweep:
-        sweep(args.batch_size, lines)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+        sweep(args.batch_size, table)
     return 0
 
 

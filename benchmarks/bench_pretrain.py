@@ -1,13 +1,19 @@
-"""Pretraining step throughput: packed multi-crop (one transformer pass) vs one pass per crop size.
+"""Pretraining step throughput: packed multi-crop (one transformer pass) vs one pass per crop size,
+end to end and the model's share alone.
 
     python benchmarks/bench_pretrain.py [--archs vit_tiny,vit_small] [--batch-size 8] [--steps 3]
                                         [--device cuda --backends torch,triton] [--out FILE]
 
 DINO's default crops (2 x 224 + 8 x 96, patch 16) on `protloc synth` fields (256 x 256,
-nucleus + protein). A step is everything: decoding (in the main process), multi-crop,
-teacher and student forward, loss, backward, AdamW, EMA. The first step is a warm-up and not
-timed. float32 on CPU; bf16 autocast with --device cuda, where --backends compares the Triton
-kernels (PROTLOC_BACKEND=triton) with the torch path end to end.
+nucleus + protein). Two timings per row, each after one untimed warm-up step:
+  step   the whole training step, Trainer.train_step: decoding (in the main process), multi-crop,
+         teacher and student forward, loss, backward, AdamW, EMA;
+  model  the model's share on ready crops: teacher and student forward, loss, backward, gradient
+         clipping, AdamW, EMA, on the crops of one batch, made once before the timing.
+Decoding and the Python multi-crop do not change with the backend, so the Triton kernels' gain
+shows in the model column; the step column says what a user gets. float32 on CPU; bf16 autocast
+with --device cuda, where --backends compares the Triton kernels (PROTLOC_BACKEND=triton) with the
+torch path.
 """
 
 import argparse
@@ -18,14 +24,52 @@ import time
 
 import torch
 
-from protloc.augment import MultiCropConfig
+from protloc.augment import MultiCropConfig, multi_crop
+from protloc.dino import clip_gradients, ema_update
 from protloc.distributed import World
 from protloc.pretrain import PretrainConfig, Trainer
 from protloc.sources import discover
 from protloc.synth import write_dataset
 
+from table import Table  # benchmarks/table.py
+
+
+def ready_crops(trainer, items):
+    """The crops of one batch, as train_step makes them: ([global (2B, C, g, g), local (nB, C, l, l)], names, n_crops)."""
+    images, names = trainer.images(items)
+    protein = names.index("protein") if "protein" in names else None
+    global_crops, local_crops = multi_crop(images, trainer.cfg.crops, torch.Generator().manual_seed(0), protein)
+    crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
+    return crops, names, 2 + (local_crops.shape[0] if local_crops is not None else 0)
+
+
+def model_step(trainer, crops, names, n_crops):
+    """Forward, loss, backward, clipping, AdamW and EMA of Trainer.train_step, on ready crops (schedules at step 0)."""
+    cfg, sched = trainer.cfg, trainer.schedules
+    with trainer.autocast:
+        teacher_out = trainer.teacher(crops[:1], names, cfg.pack)
+        student_out = trainer.student(crops, names, cfg.pack)
+        loss, _ = trainer.loss_fn(student_out, teacher_out, n_crops, sched.teacher_temp[0])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(trainer.student, cfg.clip_grad)
+    trainer.optimizer.step()
+    ema_update(trainer.teacher, trainer.student, float(sched.momentum[0]))
+
+
+def timed(device, steps, fn):
+    """Seconds for `steps` calls of fn, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return time.perf_counter() - start
+
 
 def images_per_second(sources, arch, pack, args, out):
+    """(end-to-end step, model step) images per second."""
     cfg = PretrainConfig(arch=arch, patch=16, out_dim=args.out_dim, batch_size=args.batch_size,
                          steps=args.steps + 1, pack=pack,
                          crops=MultiCropConfig(global_size=args.global_size, local_size=args.local_size,
@@ -33,15 +77,14 @@ def images_per_second(sources, arch, pack, args, out):
     trainer = Trainer(sources, cfg, out, world=World(device=torch.device(args.device)), workers=0,
                       checkpoint_every=10**9)
     batches = trainer.batches(cfg.steps)
-    trainer.train_step(next(batches))  # warm-up
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for items in batches:
-        trainer.train_step(items)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    first = next(batches)
+    trainer.train_step(first)  # warm-up: compiles and autotunes the kernels at these shapes
+    step_s = timed(args.device, args.steps, lambda: trainer.train_step(next(batches)))
+    crops = ready_crops(trainer, first)
+    model_step(trainer, *crops)  # warm-up
+    model_s = timed(args.device, args.steps, lambda: model_step(trainer, *crops))
+    images = args.steps * args.batch_size
+    return images / step_s, images / model_s
 
 
 def main():
@@ -55,14 +98,17 @@ def main():
     ap.add_argument("--out-dim", type=int, default=65536)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", default="torch", help="PROTLOC_BACKEND values to compare, e.g. torch,triton")
-    ap.add_argument("--out", help="also write the table to this file")
+    ap.add_argument("--out", help="also write the table to this file, row by row")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} CPU cores"
-    lines = [f"# protloc pretrain step throughput: {platform.machine()}, {device}, torch {torch.__version__}",
-             f"# batch {args.batch_size}, crops 2 x {args.global_size} + {args.local_crops} x {args.local_size}, "
-             f"patch 16, out_dim {args.out_dim}, {args.steps} timed steps after 1 warm-up",
-             f"{'arch':<10} {'backend':<8} {'packed img/s':>13} {'per-size img/s':>15} {'speed-up':>9}"]
-    print("\n".join(lines), flush=True)
+    table = Table(args.out)
+    table.add(f"# protloc pretrain step throughput: {platform.machine()}, {device}, torch {torch.__version__}")
+    table.add(f"# batch {args.batch_size}, crops 2 x {args.global_size} + {args.local_crops} x {args.local_size}, "
+         f"patch 16, out_dim {args.out_dim}, {args.steps} timed steps after 1 warm-up; images/s")
+    table.add("# step: the whole train_step (decoding, multi-crop, model); model: forward, loss, backward, AdamW, EMA "
+         "on ready crops")
+    table.add(f"{'arch':<10} {'backend':<8} {'packed step':>12} {'per-size step':>14} {'packed model':>13} "
+         f"{'per-size model':>15} {'model: packed/per-size':>23}")
     packed_by_backend = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_dataset(tmp, n=args.batch_size * (args.steps + 1), size=256, seed=0)
@@ -73,15 +119,12 @@ def main():
                 packed = images_per_second(sources, arch, True, args, os.path.join(tmp, "p.pt"))
                 per_size = images_per_second(sources, arch, False, args, os.path.join(tmp, "s.pt"))
                 packed_by_backend[arch, backend] = packed
-                lines.append(f"{arch:<10} {backend:<8} {packed:>13.2f} {per_size:>15.2f} {packed / per_size:>8.2f}x")
-                print(lines[-1], flush=True)
+                table.add(f"{arch:<10} {backend:<8} {packed[0]:>12.2f} {per_size[0]:>14.2f} {packed[1]:>13.2f} "
+                     f"{per_size[1]:>15.2f} {packed[1] / per_size[1]:>22.2f}x")
             if (arch, "triton") in packed_by_backend and (arch, "torch") in packed_by_backend:
-                ratio = packed_by_backend[arch, "triton"] / packed_by_backend[arch, "torch"]
-                lines.append(f"{arch:<10} packed, triton over torch: {ratio:.2f}x")
-                print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+                (step_k, model_k), (step_t, model_t) = packed_by_backend[arch, "triton"], packed_by_backend[arch, "torch"]
+                table.add(f"{arch:<10} packed, triton over torch: model step {model_k / model_t:.2f}x, "
+                     f"end to end {step_k / step_t:.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 `PROTLOC_BACKEND=auto|triton|torch` (default auto). `auto` runs a Triton kernel when its inputs
 are on CUDA and a Triton kernel exists for the op, the torch reference otherwise; `triton` forces
-the kernels (on CPU tensors that takes TRITON_INTERPRET=1, which is how the tests run them). The torch references (kernels/reference.py) are the spec; every Triton
+the kernels (on CPU tensors that takes TRITON_INTERPRET=1, which is how the tests run them).
+Either way, shapes a kernel does not take (patch sizes, head dims; each kernel module says which)
+run on the reference. The torch references (kernels/reference.py) are the spec; every Triton
 kernel (kernels/<op>.py) is tested against its reference. Where Triton is not installed (it
 ships for Linux x86-64), the references serve alone.
 """
@@ -14,11 +16,11 @@ from protloc.kernels.reference import attention_torch, patch_embed_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
-# op name -> Triton implementation, for the kernels this install can run
+# op name -> its Triton kernel module (kernels/<op>.py), for the kernels this install can run
 TRITON_OPS = {}
 for _op in ("patch_embed", "attention"):
     try:
-        TRITON_OPS[_op] = getattr(importlib.import_module(f"protloc.kernels.{_op}"), f"{_op}_triton")
+        TRITON_OPS[_op] = importlib.import_module(f"protloc.kernels.{_op}")
     except ModuleNotFoundError as e:
         if e.name != "triton":
             raise
@@ -39,8 +41,13 @@ def backend(op, tensor):
 
 
 def patch_embed(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed=None):
-    """Pixels (B, C, H, W) -> tokens (B, 1 + T, D); shapes in kernels/reference.py."""
-    fn = TRITON_OPS["patch_embed"] if backend("patch_embed", pixels) == "triton" else patch_embed_torch
+    """Pixels (B, C, H, W) -> tokens (B, 1 + T, D); shapes in kernels/reference.py.
+
+    The Triton kernel takes patch sizes 8, 16, 24, 32, ... (p * p a multiple of 64; protloc's
+    models have 8 or 16); others run on the torch path."""
+    use_triton = (backend("patch_embed", pixels) == "triton"
+                  and TRITON_OPS["patch_embed"].takes_patch(weight.shape[-1]))
+    fn = TRITON_OPS["patch_embed"].patch_embed_triton if use_triton else patch_embed_torch
     return fn(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed)
 
 
@@ -49,8 +56,8 @@ def attention(q, k, v, cu_seqlens, max_seqlen):
 
     The Triton kernel takes head dims 32, 64 and 128 (every protloc architecture has 64); others
     run on the torch path."""
-    use_triton = backend("attention", q) == "triton" and q.shape[-1] in (32, 64, 128)
-    fn = TRITON_OPS["attention"] if use_triton else attention_torch
+    use_triton = backend("attention", q) == "triton" and q.shape[-1] in TRITON_OPS["attention"].HEAD_DIMS
+    fn = TRITON_OPS["attention"].attention_triton if use_triton else attention_torch
     return fn(q, k, v, cu_seqlens, max_seqlen)
 
 

@@ -24,14 +24,13 @@ per (key block, head) accumulates dK and dV over the query blocks of the same se
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# @triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from protloc.kernels.interpreter import INTERPRETED, loop_bound
+
 HEAD_DIMS = (32, 64, 128)
 LOG2E = 1.4426950408889634  # softmax runs in base 2 (exp2 is the fast instruction): e^x = 2^(x * log2 e)
 
@@ -68,7 +67,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEQ, ENDS, CU, n_seq, total, qk_scale,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scaled scores (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, L, BLOCK_N):
+    for n0 in range(0, loop_bound(L), BLOCK_N):
         col_ok = n0 + offs_n < L
         kt = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
@@ -122,7 +121,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEQ, ENDS, CU, n_seq, tota
     do_ptrs = DO + start * stride_dot + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    for m0 in range(0, L, BLOCK_M):
+    for m0 in range(0, loop_bound(L), BLOCK_M):
         q_ok = m0 + offs_m < L
         qt = tl.load(qt_ptrs + m0 * stride_qt, mask=q_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)
         # +inf log-sum-exp for rows past the end: their probabilities come out exactly 0
@@ -163,7 +162,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEQ, ENDS, CU, n_seq, total, sm_
     k_ptrs = K + start * stride_kt + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     vt_ptrs = V + start * stride_vt + h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None]  # V^T block
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, L, BLOCK_N):
+    for n0 in range(0, loop_bound(L), BLOCK_N):
         col_ok = n0 + offs_n < L
         k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
         vt = tl.load(vt_ptrs + n0 * stride_vt, mask=col_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)

@@ -2,7 +2,8 @@
 
     pixels        (B, C, H, W)  uint8 / uint16 / float16 / bfloat16 / float32, any strides
     scale, shift  (B, C)        float32: the normalization x * scale + shift per (image, channel)
-    weight        (D, Cg, p, p) the projection; Cg = C (`fused` layout) or 1 (`channel` layout)
+    weight        (D, Cg, p, p) the projection; Cg = C (`fused` layout) or 1 (`channel` layout);
+                                p = 8, 16, 24, 32, ... (`takes_patch`; ValueError otherwise)
     bias          (D,)
     pos_embed     (1 + N, D)    positional embedding at this view's grid (N = H//p * W//p)
     cls_token     (D,)
@@ -27,28 +28,34 @@ afterwards (deterministic, no atomics). The gradients of bias, positional, CLS a
 embeddings are plain sums of d_out over batch, group and patch: one torch reduction over d_out.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from protloc.kernels.interpreter import INTERPRETED, loop_bound
 
-# BLOCK_K divides p * p (64 or 256), so a K block never straddles two channels
-_FWD_CONFIGS = [
+# The GPU configs. A K block must lie within one channel's patch: BLOCK_K divides p * p (see
+# `takes_patch`), else a block would read past the patch into the next channel and past the weight.
+FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
-_BWD_CONFIGS = [
+BWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
-if INTERPRETED:  # one small config: the interpreter is ~1000x slower and autotuning there means nothing
-    _FWD_CONFIGS = _BWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+# under the interpreter, one small config: it is ~1000x slower and autotuning there means nothing
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+# p * p must be a multiple of the largest BLOCK_K (64; every BLOCK_K divides it)
+PATCH_AREA_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in FWD_CONFIGS + BWD_CONFIGS)
+
+
+def takes_patch(p):
+    """Whether the kernel takes patch size p (8, 16, 24, 32, ...); the same rule under the interpreter as on a GPU."""
+    return p * p % PATCH_AREA_MULTIPLE == 0
 
 
 @triton.jit
@@ -73,7 +80,7 @@ def _gather_patches(pixels, scale, shift, rows, row_ok, c, kk,
     return x * s[:, None] + sh[:, None]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["K", "D", "Cg"])
+@triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRETED else FWD_CONFIGS, key=["K", "D", "Cg"])
 @triton.jit
 def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
                      M, N, K, D, G, Cg, GW,
@@ -87,7 +94,7 @@ def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
     row_ok = rows < M
     col_ok = cols < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c in range(0, Cg):
+    for c in range(0, loop_bound(Cg)):
         for k0 in range(0, P * P, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             a = _gather_patches(pixels, scale, shift, rows, row_ok, c, kk, N, G, Cg, GW, s_pb, s_pc, s_ph, s_pw, P)
@@ -108,7 +115,7 @@ def _patch_embed_fwd(pixels, scale, shift, weight, bias, pos, chan, out,
     tl.store(out + token[:, None] + cols[None, :], acc.to(out.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["K", "D", "Cg"])
+@triton.autotune(configs=INTERPRETER_CONFIGS if INTERPRETED else BWD_CONFIGS, key=["K", "D", "Cg"])
 @triton.jit
 def _patch_embed_bwd_weight(pixels, scale, shift, grad, partial,
                             M, N, K, D, G, Cg, GW, rows_per_split,
@@ -126,7 +133,7 @@ def _patch_embed_bwd_weight(pixels, scale, shift, grad, partial,
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for m0 in range(start, stop, BLOCK_M):
+    for m0 in range(loop_bound(start), loop_bound(stop), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < stop
         a = _gather_patches(pixels, scale, shift, rows, row_ok, c, kk, N, G, Cg, GW, s_pb, s_pc, s_ph, s_pw, P)
@@ -156,8 +163,9 @@ def _shape(pixels, weight, channelwise: bool):
     G = C if channelwise else 1
     if G * Cg != C:
         raise ValueError(f"a projection over {Cg} channel(s) cannot embed {C}-channel images in this layout")
-    if p * p % 16:
-        raise ValueError(f"patch size {p}: the kernel needs p * p to be a multiple of 16")
+    if not takes_patch(p):
+        raise ValueError(f"patch size {p}: the Triton kernel needs p * p to be a multiple of {PATCH_AREA_MULTIPLE} "
+                         f"(patch 8, 16, 24, 32, ...); use the torch path (PROTLOC_BACKEND=torch)")
     return B, C, D, Cg, G, p, H // p, W // p
 
 

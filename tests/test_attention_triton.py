@@ -2,7 +2,8 @@
 
 Without a GPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before any
 test module imports protloc, as @triton.jit reads it when the kernel module is imported) on tiny packs
-in float32; `-m gpu` runs the compiled kernel at DINO shapes in float32 / float16 / bfloat16.
+in float32; `-m gpu` runs the compiled kernel at DINO shapes in float32 / float16 / bfloat16. Both go
+through the same checks (`check_against_float64`, and the model test parametrized by device).
 """
 
 import math
@@ -35,6 +36,28 @@ def run(fn, lengths, heads, head_dim, **kw):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
     (dqkv,) = torch.autograd.grad(out, qkv, grad)
     return out, dqkv.unbind(1)
+
+
+def relative_error(a, b):
+    """max |a - b| / max |b|, b the reference (float64); over 1 (the scale of the random inputs) where
+    max |b| is smaller: a 1-token sequence's dq and dk are exactly 0, its rounding errors are not."""
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+
+
+# max |error| / max |reference| against a float64 reference, forward and backward
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}
+
+
+def check_against_float64(lengths, heads, head_dim, dtype=torch.float32, device="cpu"):
+    """The kernel in `dtype` against the reference at float64, output and (dq, dk, dv)."""
+    out, grads = run(attn.attention_triton, lengths, heads, head_dim, dtype=dtype, device=device)
+    ref, ref_grads = run(attention_torch, lengths, heads, head_dim, dtype=torch.float64, device=device)
+    fwd_tol, bwd_tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape and torch.isfinite(out).all()
+    assert relative_error(out, ref) <= fwd_tol
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert a.dtype == dtype
+        assert relative_error(a, b) <= bwd_tol, f"d{name}"
 
 
 # ------------------------------------------------------------------ host side: no kernel launch
@@ -74,12 +97,7 @@ def test_rejects_unsupported_inputs(shape, dtype, match):
     ([20, 1], 1, 128),
 ])
 def test_matches_reference_forward_and_backward(lengths, heads, head_dim):
-    out, grads = run(attn.attention_triton, lengths, heads, head_dim)
-    ref, ref_grads = run(attention_torch, lengths, heads, head_dim)
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    for name, a, b in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+    check_against_float64(lengths, heads, head_dim)
 
 
 @interpreted
@@ -87,12 +105,7 @@ def test_gpu_block_sizes_under_the_interpreter(monkeypatch):
     """The index arithmetic at the 16-bit GPU block sizes (64 x 64 forward, 32 x 64 dK/dV, 64 x 32 dQ)."""
     gpu_config = attn._config
     monkeypatch.setattr(attn, "_config", lambda d, dtype: gpu_config(d, torch.bfloat16, interpreted=False))
-    lengths = [70, 5, 130]
-    out, grads = run(attn.attention_triton, lengths, 1, 32)
-    ref, ref_grads = run(attention_torch, lengths, 1, 32)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    check_against_float64([70, 5, 130], 1, 32)
 
 
 @interpreted
@@ -119,27 +132,40 @@ def test_empty_pack():
 def model_outputs_and_grads(model, token_sets):
     xs = [t.clone().requires_grad_() for t in token_sets]
     outs = model.forward_pack(xs)
-    loss = sum((o * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+    # weights on the outputs' device: a CPU vector times CUDA outputs would fail before any kernel ran
+    loss = sum((o * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() for o in outs)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, xs + params, allow_unused=True)
     return outs, grads
 
 
-@interpreted
-def test_model_forward_pack_triton_matches_torch_backend(monkeypatch):
+# device -> (architecture, token sets (crops, tokens) of two crop sizes, autocast dtype or None,
+#            forward and backward tolerance on relative_error)
+MODEL_CASES = {
+    "cpu": ("vit_tiny", [(2, 17), (3, 5)], None, 1e-4, 1e-4),  # 3 heads x 64, float32 under the interpreter
+    "cuda": ("vit_small", [(2, 197), (8, 37)], torch.bfloat16, 3e-2, 5e-2),  # 6 heads x 64, DINO's crops
+}
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreted),
+                                    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_model_forward_pack_triton_matches_torch_backend(device, monkeypatch):
+    arch, crops, dtype, fwd_tol, bwd_tol = MODEL_CASES[device]
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(arch="vit_tiny", depth=2, img_size=32))  # 3 heads x 64
-    token_sets = [torch.randn(2, 17, 192), torch.randn(3, 5, 192)]  # two crop sizes
+    model = VisionTransformer(ViTConfig(arch=arch, depth=2, img_size=32)).to(device)
+    token_sets = [torch.randn(n, L, model.config.dim).to(device) for n, L in crops]
     results = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("PROTLOC_BACKEND", backend)
-        results[backend] = model_outputs_and_grads(model, token_sets)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            results[backend] = model_outputs_and_grads(model, token_sets)
     (outs_t, grads_t), (outs_k, grads_k) = results["torch"], results["triton"]
     for a, b in zip(outs_k, outs_t):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert relative_error(a, b.double()) <= fwd_tol
+    assert [a is None for a in grads_k] == [b is None for b in grads_t]
     for a, b in zip(grads_k, grads_t):
         if b is not None:
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            assert relative_error(a, b.double()) <= bwd_tol
 
 
 @interpreted
@@ -155,8 +181,6 @@ def test_model_pack_equals_per_crop_through_the_kernel(monkeypatch):
 
 # ------------------------------------------------------------------ GPU: the compiled kernel
 
-# max |error| / max |reference| against a float64 reference, forward and backward
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}
 GPU_SHAPES = [  # (lengths, heads, head_dim)
     ([197] * 4 + [37] * 16, 6, 64),  # DINO ViT-S: global then local crops of 2 images
     ([785, 145, 1, 1], 4, 64),  # channel-wise C = 4 global and local crops, 1-token sequences
@@ -165,39 +189,9 @@ GPU_SHAPES = [  # (lengths, heads, head_dim)
 ]
 
 
-def relative_error(a, b):
-    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("lengths,heads,head_dim", GPU_SHAPES)
 def test_gpu_matches_reference(lengths, heads, head_dim, dtype):
-    out, grads = run(attn.attention_triton, lengths, heads, head_dim, dtype=dtype, device="cuda")
-    ref, ref_grads = run(attention_torch, lengths, heads, head_dim, dtype=torch.float64, device="cuda")
-    fwd_tol, bwd_tol = TOLERANCE[dtype]
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert relative_error(out, ref) <= fwd_tol
-    for name, a, b in zip("qkv", grads, ref_grads):
-        assert a.dtype == dtype
-        assert relative_error(a, b) <= bwd_tol, f"d{name}"
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_gpu_model_under_autocast_matches_torch_backend(monkeypatch):
-    torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(arch="vit_small", depth=2)).cuda()
-    token_sets = [torch.randn(2, 197, 384, device="cuda"), torch.randn(8, 37, 384, device="cuda")]
-    outs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("PROTLOC_BACKEND", backend)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs[backend] = model_outputs_and_grads(model, token_sets)
-    for a, b in zip(outs["triton"][0], outs["torch"][0]):
-        assert relative_error(a, b.double()) <= 3e-2
-    for a, b in zip(outs["triton"][1], outs["torch"][1]):
-        if b is not None:
-            assert relative_error(a, b.double()) <= 5e-2
-
+    check_against_float64(lengths, heads, head_dim, dtype, device="cuda")

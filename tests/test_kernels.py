@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,3 +117,18 @@ def test_backend_selection(monkeypatch):
     if "attention" not in kernels.TRITON_OPS:
         with pytest.raises(RuntimeError, match="no Triton kernel"):
             kernels.backend("attention", t)
+
+
+def test_loop_bound_takes_the_interpreters_one_element_scalars():
+    """A runtime scalar is a 1-element array under the interpreter; Triton 3.6 turns a loop bound into an int
+    with int(array), which numpy >= 2.4 refuses. loop_bound hands `range` a Python int instead."""
+    tl = pytest.importorskip("triton.language")
+    from triton.runtime.interpreter import TensorHandle
+
+    from protloc.kernels.interpreter import INTERPRETED, loop_bound
+
+    if not INTERPRETED:
+        pytest.skip("the interpreter's scalars (TRITON_INTERPRET=1)")
+
+    bound = tl.tensor(TensorHandle(np.array([7], dtype=np.int32), tl.int32), tl.int32)
+    assert list(range(0, loop_bound(bound), 3)) == [0, 3, 6]
