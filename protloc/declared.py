@@ -18,6 +18,7 @@ Micro-Manager's per-page indices are checked in micromanager.py.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -103,8 +104,8 @@ def check_ome_files(ome: OmeXml, path: str) -> None:
 def check_ome_pages(ome: OmeXml, all_series: list, path: str, held: int) -> None:
     """Every one of the `held` pages of `path` belongs to an OME image (else the XML declares fewer
     planes than held)."""
-    me = os.path.realpath(path)
-    mapped = {p.index for s in all_series if s.kind == "ome" for p in s if p is not None and _file_of(p) == me}
+    me = _real(path)
+    mapped = {p.index for s in all_series if s.kind == "ome" for p in s if p is not None and file_of(p) == me}
     xml = "its OME-XML" if ome.path == path else f"the OME-XML in {ome.path}"
     if not mapped:
         raise ProtlocError(f"{path}: {xml} maps none of the file's {held} pages to an image "
@@ -123,17 +124,26 @@ def check_planes(pages: list, path: str, what: str) -> None:
     for i, p in enumerate(present, 1):
         size = p.parent.filehandle.size
         end = max(o + n for o, n in zip(p.dataoffsets, p.databytecounts))
-        where = "" if _file_of(p) == os.path.realpath(path) else f" (in {p.parent.filehandle.path})"
         if end > size:
-            raise ProtlocError(f"{path}: truncated or corrupt: the data of plane {i} of {count}{where} end at byte "
-                               f"{end:,}, past the end of its file ({size:,} bytes)")
+            raise ProtlocError(f"{path}: truncated or corrupt: the data of plane {i} of {count}{_in(p, path)} end at "
+                               f"byte {end:,}, past the end of its file ({size:,} bytes)")
         if (p.shape, p.dtype) != (first.shape, first.dtype):
-            raise ProtlocError(f"{path}: metadata and data disagree: plane {i} of {count}{where} is {_kind(p)}, "
-                               f"plane 1 is {_kind(first)}")
+            raise ProtlocError(f"{path}: metadata and data disagree: plane {i} of {count}{_in(p, path)} is "
+                               f"{_kind(p)}, plane 1 is {_kind(first)}")
 
 
-def _file_of(page) -> str:
-    return os.path.realpath(page.parent.filehandle.path)
+def file_of(page) -> str:
+    """The real path of the file a page lies in (a page of a multi-file OME-TIFF may be in another)."""
+    return _real(page.parent.filehandle.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _real(path: str) -> str:  # one lookup per file, not per page
+    return os.path.realpath(path)
+
+
+def _in(page, path) -> str:
+    return "" if file_of(page) == _real(path) else f" (in {page.parent.filehandle.path})"
 
 
 def _kind(page) -> str:

@@ -97,20 +97,17 @@ def _expand(path: str) -> list[str]:
 
 def _without_companions(files: list[str]) -> list[str]:
     """The files less those whose multi-file OME-TIFF image another input reads (see the module doc)."""
-    given = set(map(_real, files))
+    xml = {f: read_ome_xml(f) if f.lower().endswith(OME_SUFFIXES) else None for f in files}
+    full = [(f, ome) for f, ome in xml.items() if ome is not None and ome.master() is None]
+    # a BinaryOnly file is read by whichever input (its master, renamed or not) spreads its image over it
+    read_by_others = {_real(p) for f, ome in full for p in ome.partners(f)}
     kept, covered = [], set()
     for f in files:
-        ome = read_ome_xml(f) if f.lower().endswith(OME_SUFFIXES) else None
-        if ome is not None:
-            master = ome.master()
-            if master is not None:
-                root = read_ome_xml(master) if _real(master) in given else None
-                if root is not None and _real(master) in map(_real, root.partners(f)):
-                    continue  # pixels of an image its master reads
-            elif _real(f) in covered:
-                continue  # an earlier input's OME-XML reads its planes with its own
-            else:
-                covered.update(map(_real, ome.partners(f)))
+        ome = xml[f]
+        if ome is not None and (_real(f) in covered if ome.master() is None else _real(f) in read_by_others):
+            continue
+        if ome is not None and ome.master() is None:
+            covered.update(map(_real, ome.partners(f)))  # the files reading f reads with it
         kept.append(f)
     return kept
 

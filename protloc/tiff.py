@@ -9,7 +9,9 @@ channel x z and only the per-page metadata says which is which. `read_tiff`:
 - picks what to read: the one tifffile series; pages saved one by one (one series per page, as
   append mode and scikit-image write them) as one stack; of several real series (OME images,
   pyramids, shapes that differ) `series` K, by default the first full-resolution one, with a
-  warning naming how many there are;
+  warning naming how many there are. A file of a multi-file OME-TIFF set holds the images with
+  planes in it (other files of the set are images of their own, or parts of its images); a
+  BinaryOnly file that holds whole images is read through the XML of the file it names;
 - checks what the metadata declare against what the file holds (declared.py, micromanager.py)
   and what tifffile said while reading (tiff_messages.py);
 - finds the axes (axes.py: trusted metadata first, the shape rule otherwise), projects Z away
@@ -116,7 +118,7 @@ class _Planes:
     stacked: bool = False
 
     @classmethod
-    def of(cls, series, index):  # index: the series' position in tif.series
+    def of(cls, index, series):  # index: the series' position in tif.series
         return cls(list(series), tuple(series.shape), series.axes, tuple(series.get_shape(False)),
                    series.get_axes(False), trusted(series), series, index)
 
@@ -145,19 +147,19 @@ def _saved_page_by_page(all_series) -> bool:
 
 
 def _choose(all_series, path, index) -> tuple[_Planes, list[str]]:
-    """The planes to read of the file's (position in tif.series, series), and a warning when the
-    file holds other series; `index` (--series) counts the file's series."""
+    """The planes to read of the file's series ((position in tif.series, series) pairs), and a
+    warning when the file holds others; `index` (--series) counts the file's series."""
     n = len(all_series)
     if n == 0:
         raise ProtlocError(f"{path}: not a readable TIFF (no image in it)")
     if index is not None:
         if not 0 <= index < n:
             raise _no_series(path, index, n)
-        return _Planes.of(*all_series[index][::-1]), []
+        return _Planes.of(*all_series[index]), []
     if _saved_page_by_page([s for _, s in all_series]):
         return _Planes.stack([s for _, s in all_series]), []
-    k = next((i for i, (_, s) in enumerate(all_series) if not s.keyframe.is_reduced), 0)  # skip reduced levels
-    chosen = _Planes.of(*all_series[k][::-1])
+    k = next((k for k, (_, s) in enumerate(all_series) if not s.keyframe.is_reduced), 0)  # skip reduced levels
+    chosen = _Planes.of(*all_series[k])
     if n == 1:
         return chosen, []
     return chosen, [f"{path}: holds {n} image series; read series {k} (shape {chosen.shape}); "
@@ -215,8 +217,7 @@ def _read_series(tif, path, ome, z, axes, max_pixels, series, messages, held=Non
         declared.check_ome_pages(ome, tif.series, path, len(tif.pages) if held is None else held)
         # the images with planes in this file (a set's other files are images, or parts, of their own)
         me = os.path.realpath(path)
-        all_series = [(i, s) for i, s in all_series
-                      if any(p is not None and os.path.realpath(p.parent.filehandle.path) == me for p in s)]
+        all_series = [(i, s) for i, s in all_series if any(p is not None and declared.file_of(p) == me for p in s)]
     if held is None and tif.is_shaped:
         declared.check_shaped(tif, path)
     chosen, notes = _choose(all_series, path, series)
@@ -372,7 +373,10 @@ class _Projection:
 
 
 def _convert(a, source):
-    """Keep uint8 / uint16 / float32 (native byte order); bool -> uint8; other numbers -> float32."""
+    """Keep uint8 / uint16 / float32 (native byte order); bool -> uint8; other numbers -> float32.
+    An image without pixels (a width or height of 0 in a damaged header) is refused."""
+    if a.size == 0:
+        raise ProtlocError(f"{source}: holds an empty image ({' x '.join(map(str, a.shape[-2:]))} pixels)")
     kind, size = a.dtype.kind, a.dtype.itemsize
     if kind == "b":
         out = a.astype(np.uint8)
