@@ -4,8 +4,9 @@ each is read as the file means it, or refused with one line that names the file.
 First the kinds the reader got wrong (each test writes its inputs here): data cut short that a
 decoder returns without a word, planes of another size or type in a multi-file image,
 Micro-Manager coordinates as 2.0 writes them and RGB Micro-Manager pages, renamed OME-TIFFs, UUIDs
-that name two files, multi-file OME sets with an image per file (Micro-Manager stage positions,
-wells), a file reached twice under two names, links to folders, images without pixels. Then a
+that name two files, channel names of another OME image, multi-file OME sets with an image per
+file (Micro-Manager stage positions, wells), a file reached twice under two names, links to
+folders, images without pixels, the same kinds in --cells masks. Then a
 table of the kinds that already worked, so they stay working, and the whole lot through
 `protloc embed --on-error skip --workers 2`."""
 
@@ -21,6 +22,8 @@ import pytest
 import tifffile
 
 from protloc import micromanager
+from protloc.cells import read_mask
+from protloc.errors import ProtlocError
 from protloc.sources import discover
 from protloc.tiff import read_tiff
 from test_tiff_layouts import cut, mm_metas, rand, refused, write_described, write_mm
@@ -130,6 +133,22 @@ def test_planes_of_another_size_or_type_are_refused(tmp_path):
         assert ("uint8" if name == "type" else "20 x 20") in message
 
 
+def test_masks_cut_short_or_of_several_series_are_refused(tmp_path):
+    """The same kinds in a --cells mask: a cut JPEG strip, and masks appended to one file (before:
+    read as it came, and the first of them)."""
+    path = tmp_path / "cut_mask.tif"
+    tifffile.imwrite(path, rand((64, 64), np.uint8), compression="jpeg", metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        keep = tif.pages[0].dataoffsets[-1] + tif.pages[0].databytecounts[-1] // 2
+    with pytest.raises(ProtlocError, match=rf"^{path}: truncated or corrupt: the data of plane 1 of 1 end at"):
+        read_mask(cut(path, keep), (64, 64), "image.tif", 10**6)
+    path = tmp_path / "two_masks.tif"
+    for seed in (0, 1):
+        tifffile.imwrite(path, rand((64, 64), np.uint16, seed), append=True)
+    with pytest.raises(ProtlocError, match=rf"^{path}: holds 2 image series; a mask is one 2-D label image$"):
+        read_mask(str(path), (64, 64), "image.tif", 10**6)
+
+
 def test_image_without_pixels_is_refused(tmp_path):
     path = tmp_path / "w0.tif"
     tifffile.imwrite(path, rand((8, 8)), metadata=None)
@@ -213,6 +232,20 @@ def test_a_uuid_that_names_two_files_is_refused(tmp_path, uuids, shown):
     from the first, channel 1 a copy of channel 0."""
     master, _ = per_channel_set(tmp_path / "set", rand((3, 2, 24, 28)), uuids=uuids)
     refused(master, "corrupt OME-XML", "a.ome.tif, b.ome.tif", f"the same UUID {shown}")
+
+
+def test_channel_names_are_those_of_the_image_read(tmp_path):
+    """tifffile leaves out Images without TiffData (MetadataOnly): before, the names (and the sizes
+    an error quotes) were taken from the Image at the series' position, another image's."""
+    data = rand((2, 24, 28))
+    xml = ome([pixels("<MetadataOnly/>", 1, 2, names=("overview_a", "overview_b")),
+               pixels('<TiffData IFD="0" PlaneCount="2"/>', 1, 2, index=1, names=("DAPI", "GFP"))])
+    img = read_tiff(write_described(tmp_path / "a.ome.tif", data, xml))
+    np.testing.assert_array_equal(img.pixels, data)
+    assert img.channel_names == ["DAPI", "GFP"]
+    xml = xml.replace('SizeZ="1"', 'SizeZ="2"').replace('PlaneCount="2"', 'PlaneCount="4"')
+    refused(write_described(tmp_path / "b.ome.tif", data, xml), "(SizeZ x SizeC x SizeT = 2 x 2 x 1)",
+            "declares 4 planes but the file holds 2")
 
 
 # --- OME-TIFF sets with an image per file ----------------------------------------------------------
