@@ -104,7 +104,7 @@ def check_ome_files(ome: OmeXml, path: str) -> None:
 def check_ome_pages(ome: OmeXml, all_series: list, path: str, held: int) -> None:
     """Every one of the `held` pages of `path` belongs to an OME image (else the XML declares fewer
     planes than held)."""
-    me = _real(path)
+    me = os.path.realpath(path)
     mapped = {p.index for s in all_series if s.kind == "ome" for p in s if p is not None and file_of(p) == me}
     xml = "its OME-XML" if ome.path == path else f"the OME-XML in {ome.path}"
     if not mapped:
@@ -134,16 +134,14 @@ def check_planes(pages: list, path: str, what: str) -> None:
 
 def file_of(page) -> str:
     """The real path of the file a page lies in (a page of a multi-file OME-TIFF may be in another)."""
-    return _real(page.parent.filehandle.path)
+    return _realpath(page.parent.filehandle.path)
 
 
-@functools.lru_cache(maxsize=256)
-def _real(path: str) -> str:  # one lookup per file, not per page
-    return os.path.realpath(path)
+_realpath = functools.lru_cache(maxsize=256)(os.path.realpath)  # looked up once per file, not per page
 
 
 def _in(page, path) -> str:
-    return "" if file_of(page) == _real(path) else f" (in {page.parent.filehandle.path})"
+    return "" if file_of(page) == os.path.realpath(path) else f" (in {page.parent.filehandle.path})"
 
 
 def _kind(page) -> str:

@@ -97,23 +97,23 @@ def _expand(path: str) -> list[str]:
 
 def _without_companions(files: list[str]) -> list[str]:
     """The files less those whose multi-file OME-TIFF image another input reads (see the module doc)."""
+    real = os.path.realpath
     xml = {f: read_ome_xml(f) if f.lower().endswith(OME_SUFFIXES) else None for f in files}
-    full = [(f, ome) for f, ome in xml.items() if ome is not None and ome.master() is None]
     # a BinaryOnly file is read by whichever input (its master, renamed or not) spreads its image over it
-    read_by_others = {_real(p) for f, ome in full for p in ome.partners(f)}
+    read_by_others = {real(p) for f, ome in xml.items() if ome is not None and ome.master() is None
+                      for p in ome.partners(f)}
     kept, covered = [], set()
     for f in files:
         ome = xml[f]
-        if ome is not None and (_real(f) in covered if ome.master() is None else _real(f) in read_by_others):
-            continue
-        if ome is not None and ome.master() is None:
-            covered.update(map(_real, ome.partners(f)))  # the files reading f reads with it
-        kept.append(f)
+        if ome is None:
+            kept.append(f)
+        elif ome.master() is not None:  # pixels only
+            if real(f) not in read_by_others:
+                kept.append(f)
+        elif real(f) not in covered:  # else an earlier input reads it with its own planes
+            kept.append(f)
+            covered.update(real(p) for p in ome.partners(f))
     return kept
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(path)
 
 
 def _split_name(path: str) -> tuple[str, str]:
