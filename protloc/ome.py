@@ -106,6 +106,17 @@ class OmeXml:
                 found.update((f, None) for f in fs if os.path.realpath(f) != me)
         return list(found)
 
+    def missing_elsewhere(self, path: str) -> list[str]:
+        """The FileNames, as written, of missing files that hold none of `path`'s images (other
+        images of a set whose files are images of their own)."""
+        mine = {os.path.realpath(f) for f in (path, *self.partners(path))}
+        names: dict[str, None] = {}
+        for _, data in self._tiffdata():
+            f = self._file(data)
+            if os.path.realpath(f) not in mine and not os.path.exists(f):
+                names.setdefault(_children(data, "UUID")[0].attrib["FileName"])
+        return list(names)
+
     def shared_uuid(self) -> tuple[str, list[str]] | None:
         """A UUID the TiffData give to more than one FileName, and those names; None if each names one
         file (tifffile would read the planes of all of them from the first)."""

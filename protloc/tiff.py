@@ -211,9 +211,17 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
 def _read_series(tif, path, ome, z, axes, max_pixels, series, messages, held=None):
     """Read `path` through tifffile's series of `tif` (the file itself, or the master file of a
     multi-file OME-TIFF that holds `path`'s metadata; then `held` is the number of pages of `path`)."""
-    all_series = list(enumerate(tif.series))
     if ome is not None:
         declared.check_ome_files(ome, path)
+        # a missing file of another image of the set is not this file's error (tifffile reports it
+        # while it builds every series; the planes of the image read are checked below)
+        others = ome.missing_elsewhere(path)
+        for name in others:
+            messages.ignore(f"OME series failed to read {name!r}")
+        if others:
+            messages.ignore(f"OME series failed to read {len(others)} files")
+    all_series = list(enumerate(tif.series))
+    if ome is not None:
         declared.check_ome_pages(ome, tif.series, path, len(tif.pages) if held is None else held)
         # the images with planes in this file (a set's other files are images, or parts, of their own)
         me = os.path.realpath(path)

@@ -277,6 +277,20 @@ def test_ome_image_per_file_sets(tmp_path, binary):
     refused(paths[1], "has 1 image series", "no series 1", series=1)
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_missing_file_of_another_image_is_not_this_files_error(tmp_path, binary):
+    """Wells whose files are images of their own, two left out (failed wells): the others read, without
+    a word about those (tifffile says it zero-filled them while it built every series)."""
+    data = rand((4, 2, 3, 24, 28))
+    paths = image_per_file_set(tmp_path / "wells", data, binary=binary)
+    for gone in paths[2:]:
+        os.remove(gone)
+    for path, want in zip(paths[:2], data):
+        img = read_tiff(path)
+        np.testing.assert_array_equal(img.pixels, want.max(1))
+        assert img.warnings == []
+
+
 def test_set_files_that_cannot_be_read_say_why(tmp_path):
     zc = rand((3, 2, 24, 28))
     # the XML in a .companion.ome side file: every TIFF is BinaryOnly
