@@ -6,9 +6,9 @@ decoder returns without a word, planes of another size or type in a multi-file i
 Micro-Manager coordinates as 2.0 writes them and RGB Micro-Manager pages, renamed OME-TIFFs, UUIDs
 that name two files, channel names of another OME image, multi-file OME sets with an image per
 file (Micro-Manager stage positions, wells), a file reached twice under two names, links to
-folders, images without pixels, the same kinds in --cells masks. Then a
-table of the kinds that already worked, so they stay working, and the whole lot through
-`protloc embed --on-error skip --workers 2`."""
+folders, images without pixels, the same kinds in --cells masks. Then a table of the kinds that
+already worked, so they stay working, and the whole lot through `protloc embed --on-error skip
+--workers 2`."""
 
 import io
 import json
@@ -40,7 +40,7 @@ def ome(images, uuid=UUID[0]):
 
 def pixels(tiffdata, nz=3, nc=2, ny=24, nx=28, order="XYZCT", index=0, names=None):
     channels = "".join(f'<Channel ID="Channel:{index}:{c}" SamplesPerPixel="1"'
-                       f'{f" Name={chr(34)}{names[c]}{chr(34)}" if names else ""}/>' for c in range(nc))
+                       + (f' Name="{names[c]}"' if names else "") + "/>" for c in range(nc))
     return (f'<Pixels ID="Pixels:{index}" DimensionOrder="{order}" Type="uint16" SizeX="{nx}" SizeY="{ny}" '
             f'SizeC="{nc}" SizeZ="{nz}" SizeT="1">{channels}{tiffdata}</Pixels>')
 
@@ -302,7 +302,8 @@ def test_set_files_that_cannot_be_read_say_why(tmp_path):
     refused(c0, f"its OME metadata are in {folder / 'set.companion.ome'}, which is not a TIFF")
     # a BinaryOnly file its master does not map: kept by discovery (before: left out without a word)
     folder = tmp_path / "stray"
-    master = write_described(folder.mkdir() or folder / "m.ome.tif", zc.transpose(1, 0, 2, 3).reshape(6, 24, 28),
+    folder.mkdir()
+    master = write_described(folder / "m.ome.tif", zc.transpose(1, 0, 2, 3).reshape(6, 24, 28),
                              ome([pixels(tiffdata("m.ome.tif", UUID[0], 6))]))
     stray = write_described(folder / "stray.ome.tif", zc[:, 1], binary_only(UUID[1], "m.ome.tif"))
     assert ids(folder) == [master, stray]
@@ -349,13 +350,14 @@ def _writer_loop(path, data, **kw):
 
 
 def _hand_ome(order):
-    """Planes of a (Z=3, C=2) image stored in DimensionOrder `order`, with one TiffData."""
+    """Planes of a (Z=3, C=2) image stored in DimensionOrder `order` (the letter after XY varies
+    fastest), one TiffData."""
     def write(path, zc):
+        slowest_first = order[:1:-1]  # XYCZT -> TZC
         sizes = {"Z": 3, "C": 2, "T": 1}
-        index = np.indices([sizes[a] for a in reversed(order[2:])]).reshape(3, -1).T  # slowest first
-        planes = np.stack([zc[dict(zip(reversed(order[2:]), i))["Z"], dict(zip(reversed(order[2:]), i))["C"]]
-                           for i in index])
-        write_described(path, planes, ome([pixels("<TiffData/>", order=order)]))
+        planes = [zc[i[slowest_first.index("Z")], i[slowest_first.index("C")]]
+                  for i in np.ndindex(*(sizes[a] for a in slowest_first))]
+        write_described(path, np.stack(planes), ome([pixels("<TiffData/>", order=order)]))
     return write
 
 
@@ -441,9 +443,10 @@ def test_embed_a_folder_of_field_kinds_with_workers(tmp_path):
     """`protloc embed DIR --on-error skip --workers 2`: exit 0, one line per bad file, no traceback
     and no raw warning, rows for the good files only, each file once."""
     folder = tmp_path / "field"
+    folder.mkdir()
     good = []
     for i, (name, write, data, want) in enumerate(WORKED):
-        write(folder.mkdir(exist_ok=True) or folder / f"{i:02d}_{name}", data)
+        write(folder / f"{i:02d}_{name}", data)
         if not isinstance(want, str) and want.shape[-1] >= 8:
             good.append(str(folder / f"{i:02d}_{name}"))
         elif not isinstance(want, str):
