@@ -87,8 +87,9 @@ def data_options(f):
                      help="Refuse images that declare more pixels than this (guards memory).")(f)
     f = click.option("--series", type=click.IntRange(min=0), default=None, metavar="K",
                      help="Read series K (0, 1, ...: tifffile's series) of files that hold several images (OME "
-                          "images, pyramids, shapes that differ). Default: the one series; pages saved one by one "
-                          "as one stack; else the first full-resolution series, with a warning naming the count.")(f)
+                          "images, pyramids, shapes that differ; of a multi-file OME-TIFF set, the images with "
+                          "planes in that file). Default: the one series; pages saved one by one as one stack; else "
+                          "the first full-resolution series, with a warning naming the count.")(f)
     f = click.option("--axes", default=None, metavar="AXES",
                      help="Override the axes of every file, e.g. ZCYX or YXC. Default: from OME, ImageJ, "
                           "Micro-Manager or tifffile axes metadata; without it, from the shape: Y, X are the one "

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import tifffile
 
+from protloc.declared import check_planes
 from protloc.errors import ProtlocError
 from protloc.labels import strip_tiff_extension
 from protloc.sources import Source
@@ -105,13 +106,17 @@ def image_sources(sources: list[Source], spec: str) -> list[Source]:
 
 
 def read_mask(path: str, shape: tuple[int, int], image_id: str, max_pixels: int) -> np.ndarray:
-    """A label image as (Y, X) int64, checked against the image's (Y, X) `shape`."""
+    """A label image as (Y, X) int64, checked against the image's (Y, X) `shape`. A file of several
+    series, or whose data are cut short, is refused like any other damage."""
     messages = TiffMessages(path)  # tifffile's complaints: a damaged mask is an error, never raw stderr
     try:
         with messages.capture(), tifffile.TiffFile(path) as tif:
+            if len(tif.series) != 1:  # never a silent first one
+                raise ProtlocError(f"{path}: holds {len(tif.series)} image series; a mask is one 2-D label image")
             declared = tif.series[0].shape
             if int(np.prod(declared)) > max_pixels:
                 raise ProtlocError(f"{path}: mask of shape {declared} is larger than --max-pixels")
+            check_planes(list(tif.series[0]), path, "its TIFF metadata")
             mask = np.squeeze(tif.series[0].asarray())
     except ProtlocError:
         raise

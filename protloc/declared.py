@@ -7,15 +7,18 @@ ProtlocError naming the file and both counts:
 
 - tifffile's shaped JSON (`{"shape": [...]}` on a series' first page) against the pages that follow it;
 - ImageJ `images=` and channels x slices x frames against the file's pages;
-- OME-XML: the files its TiffData name exist, every page is mapped to an image, and the chosen
-  image has a page for every plane that SizeZ x SizeC x SizeT declare;
-- any series tifffile built: no plane missing (None) or without data (zero byte counts).
+- OME-XML: the files its TiffData name exist and have a UUID each, every page of the file is
+  mapped to an image, and the chosen image has a page for every plane that SizeZ x SizeC x SizeT declare;
+- any series tifffile built: no plane missing (None), without data (zero byte counts) or with data
+  past the end of its file (a cut file: some decoders, JPEG's among them, return what they got
+  without a word), and every plane of one size and type (a companion file may differ).
 
 Micro-Manager's per-page indices are checked in micromanager.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -86,30 +89,60 @@ def check_imagej(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, path: 
 
 
 def check_ome_files(ome: OmeXml, path: str) -> None:
-    """A BinaryOnly companion is not an image of its own; every file the OME-XML names must exist."""
-    master = ome.master()
-    if master is not None:
-        raise ProtlocError(f"{path}: is a companion of the multi-file OME-TIFF {master} (it holds pixels only, "
-                           "its metadata are there): give that file instead")
-    for f in ome.files():
+    """Each UUID of the OME-XML names one file, and the files that hold planes of `path`'s images exist."""
+    shared = ome.shared_uuid()
+    if shared is not None:
+        uuid, names = shared
+        raise ProtlocError(f"{path}: corrupt OME-XML: its TiffData give the files {', '.join(names)} the same UUID "
+                           f"{uuid} (a UUID names one file)")
+    for f in ome.partners(path):
         if not os.path.exists(f):
             raise ProtlocError(f"{path}: its OME-XML puts planes in {f}, which is missing "
                                "(a multi-file OME-TIFF: keep its files together)")
 
 
-def check_ome_pages(tif: tifffile.TiffFile, all_series: list, path: str) -> None:
-    """Every page of the file belongs to an OME image (else the XML declares fewer planes than held)."""
-    mapped = {p.index for s in all_series if s.kind == "ome" for p in s if p is not None and p.parent is tif}
-    held = len(tif.pages)
+def check_ome_pages(ome: OmeXml, all_series: list, path: str, held: int) -> None:
+    """Every one of the `held` pages of `path` belongs to an OME image (else the XML declares fewer
+    planes than held)."""
+    me = os.path.realpath(path)
+    mapped = {p.index for s in all_series if s.kind == "ome" for p in s if p is not None and file_of(p) == me}
+    xml = "its OME-XML" if ome.path == path else f"the OME-XML in {ome.path}"
     if not mapped:
-        raise ProtlocError(f"{path}: its OME-XML maps none of the file's {held} pages to an image "
+        raise ProtlocError(f"{path}: {xml} maps none of the file's {held} pages to an image "
                            "(corrupt OME-XML, or a layout tifffile cannot read)")
     if held > len(mapped):
-        raise mismatch(path, "its OME-XML (TiffData)", len(mapped), held)
+        raise mismatch(path, f"{xml} (TiffData)", len(mapped), held)
 
 
 def check_planes(pages: list, path: str, what: str) -> None:
-    """Every plane a series calls for is present, with data (tifffile fills missing ones with zeros)."""
-    held = sum(1 for p in pages if p is not None and sum(p.databytecounts) > 0)
-    if held < len(pages):
-        raise mismatch(path, what, len(pages), held)
+    """Every plane a series calls for is present, with its data inside its file (tifffile fills
+    missing ones with zeros), and of one size and type."""
+    present = [p for p in pages if p is not None and sum(p.databytecounts) > 0]
+    if len(present) < len(pages):
+        raise mismatch(path, what, len(pages), len(present))
+    first, count = present[0], len(present)
+    for i, p in enumerate(present, 1):
+        size = p.parent.filehandle.size
+        end = max(o + n for o, n in zip(p.dataoffsets, p.databytecounts))
+        if end > size:
+            raise ProtlocError(f"{path}: truncated or corrupt: the data of plane {i} of {count}{_in(p, path)} end at "
+                               f"byte {end:,}, past the end of its file ({size:,} bytes)")
+        if (p.shape, p.dtype) != (first.shape, first.dtype):
+            raise ProtlocError(f"{path}: metadata and data disagree: plane {i} of {count}{_in(p, path)} is "
+                               f"{_kind(p)}, plane 1 is {_kind(first)}")
+
+
+def file_of(page) -> str:
+    """The real path of the file a page lies in (a page of a multi-file OME-TIFF may be in another)."""
+    return _realpath(page.parent.filehandle.path)
+
+
+_realpath = functools.lru_cache(maxsize=256)(os.path.realpath)  # looked up once per file, not per page
+
+
+def _in(page, path) -> str:
+    return "" if file_of(page) == os.path.realpath(path) else f" (in {page.parent.filehandle.path})"
+
+
+def _kind(page) -> str:
+    return f"{' x '.join(map(str, page.shape))} {page.dtype}"

@@ -1,10 +1,14 @@
 """Micro-Manager TIFFs: each page's own JSON metadata (tag 51123) says which channel, z-slice,
-time point and stage position it holds.
+time point and stage position it holds: `ChannelIndex`, `SliceIndex`, `FrameIndex` and
+`PositionIndex` (Micro-Manager 1.4; 2.0 also writes `Slice` and `Frame`, and `completeCoords`
+with every axis of the acquisition, custom ones included). A coordinate a page does not carry is
+0, as Micro-Manager saves it; pages may be gray or RGB.
 
 `page_planes` turns that into the (channel, z-slice) of every page, and refuses what protloc
 does not merge into one image or what does not add up:
 
-- more than one time point (FrameIndex) or stage position (PositionIndex): one image per file;
+- more than one time point or stage position, or more than one value of any other axis of
+  `completeCoords`: one image per file;
 - a (channel, slice) pair on two pages, or channels with different numbers of z-slices;
 - a summary (the header Micro-Manager writes at the start of its files) whose channels x slices x
   frames differ from the pages of the file's position.
@@ -49,24 +53,53 @@ def summary(tif: tifffile.TiffFile) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+# coordinate -> its keys in a page's metadata, first found wins; `completeCoords` names them
+# channel, z, time and position (Micro-Manager 2.0's Coords axes)
+_COORDS = {"channel": ("ChannelIndex",), "z": ("SliceIndex", "Slice"), "time": ("FrameIndex", "Frame"),
+           "position": ("PositionIndex",)}
+
+
+def _metadata(page) -> dict | None:
+    """A page's Micro-Manager metadata if they hold coordinates."""
+    tag = page.tags.get(MM_TAG)
+    meta = tag.value if tag is not None else None
+    keys = ("completeCoords", *(k for ks in _COORDS.values() for k in ks))
+    return meta if isinstance(meta, dict) and any(k in meta for k in keys) else None
+
+
+def _coords(meta: dict, path: str) -> dict:
+    """A page's coordinates: channel (None when absent), z, time, position and any other axis."""
+    complete = meta.get("completeCoords")
+    coords = dict(complete) if isinstance(complete, dict) else {}
+    for axis, keys in _COORDS.items():
+        coords[axis] = next((meta[k] for k in keys if k in meta), coords.get(axis))
+    try:
+        return {a: None if v is None and a == "channel" else int(v or 0) for a, v in coords.items()}
+    except (TypeError, ValueError):
+        raise ProtlocError(f"{path}: corrupt Micro-Manager metadata: coordinates {coords}") from None
+
+
 def page_planes(pages, path: str, summary: dict | None = None) -> list[tuple[object, int]] | None:
     """(channel, z-slice) of each page, channels labelled as the file labels them; None when the
-    pages lack per-page metadata (then the file is read like any other)."""
-    keys = []
-    for page in pages:
-        tag = page.tags.get(MM_TAG)
-        meta = tag.value if tag is not None else None
-        if not isinstance(meta, dict) or "SliceIndex" not in meta or len(page.shape) != 2:
-            return None
-        keys.append((meta.get("ChannelIndex"), int(meta["SliceIndex"]), meta.get("FrameIndex", 0),
-                     meta.get("PositionIndex", 0)))
-    frames = {k[2] for k in keys}
-    if len(frames) > 1:
-        raise time_points(path, len(frames))
-    places = {k[3] for k in keys}
-    if len(places) > 1:
-        raise positions(path, len(places), "stage positions (Micro-Manager PositionIndex)")
-    planes = [(c, s) for c, s, _, _ in keys]
+    pages carry no Micro-Manager coordinates (then the file is read like any other)."""
+    metas = [_metadata(page) for page in pages]
+    if all(m is None for m in metas):
+        return None
+    if any(m is None for m in metas):
+        k = next(i for i, m in enumerate(metas) if m is None)
+        raise ProtlocError(f"{path}: corrupt Micro-Manager metadata: page {k + 1} of {len(metas)} has no coordinates")
+    coords = [_coords(m, path) for m in metas]
+    for axis in dict.fromkeys(a for c in coords for a in c):
+        values = {c.get(axis, 0) for c in coords}
+        if axis in ("channel", "z") or len(values) == 1:
+            continue
+        if axis == "time":
+            raise time_points(path, len(values))
+        if axis == "position":
+            raise positions(path, len(values), "stage positions (Micro-Manager PositionIndex)")
+        raise ProtlocError(f"{path}: holds {len(values)} values of the Micro-Manager axis {axis!r}; "
+                           "protloc reads one image per file")
+    planes = [(c["channel"], c["z"]) for c in coords]
     if any(c is None for c, _ in planes):
         # no ChannelIndex: a new channel starts whenever SliceIndex restarts
         channel, previous, restarted = -1, None, []

@@ -1,17 +1,22 @@
 """What the command line's DATA arguments mean: a list of images to read, one row each.
 
-DATA is any mix of TIFF files, directories (searched recursively, sorted, hidden entries
-skipped) and `-` (paths read from stdin, one per line). Each image becomes a `Source`: usually
-one file, or, with `--channel-suffixes gfp,rfp`, the files `X_gfp.tif` and `X_rfp.tif` grouped
-into one image `X` whose channels are named from the suffixes. A multi-file OME-TIFF is one
-image: its companion files are left out when the master file that reads them is an input (a
-BinaryOnly companion whose MetadataFile is given, or a file whose planes an earlier input's
-OME-XML already names). Discovery only lists files (and reads the first IFD of `.ome.tif`
-files); the pixels are read later, one image at a time, by `read_source`.
+DATA is any mix of TIFF files, directories (searched recursively, symbolic links to folders
+followed, sorted, hidden entries skipped) and `-` (paths read from stdin, one per line). A file
+reached twice (a folder and a file in it, a relative and an absolute path, a link) is one image,
+at its first place. Each image becomes a `Source`: usually one file, or, with
+`--channel-suffixes gfp,rfp`, the files `X_gfp.tif` and `X_rfp.tif` grouped into one image `X`
+whose channels are named from the suffixes. A multi-file OME-TIFF image is one image: a file
+that holds part of an image another input reads is left out (a BinaryOnly companion whose
+MetadataFile is given and holds planes of its image, or a file whose image an earlier input's
+OME-XML spreads over both); a file of the set that holds whole images of its own (Micro-
+Manager's stage positions, a plate's wells) stays an image. Discovery only lists files (and
+reads the first IFD of `.ome.tif` files); the pixels are read later, one image at a time, by
+`read_source`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -21,6 +26,8 @@ from protloc.channels import canonical
 from protloc.errors import ProtlocError
 from protloc.ome import OME_SUFFIXES, read_ome_xml
 from protloc.tiff import DEFAULT_MAX_PIXELS, Image, read_channel_files, read_tiff
+
+log = logging.getLogger(__name__)
 
 TIFF_SUFFIXES = (".tif", ".tiff")  # case-insensitive; covers .ome.tif / .ome.tiff
 
@@ -38,7 +45,7 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
     a path met twice is kept at its first position."""
     if not inputs:
         raise ProtlocError("no input images given (name TIFF files, directories, or - for stdin)")
-    files: dict[str, None] = {}  # an ordered set
+    files: dict[str, str] = {}  # real path -> the path as first given, in order
     for item in inputs:
         if item == "-":
             lines = (stdin if stdin is not None else sys.stdin).read().splitlines()
@@ -47,10 +54,12 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
             paths = [item]
         for path in paths:
             for f in _expand(path):
-                files.setdefault(f, None)
+                first = files.setdefault(os.path.realpath(f), f)
+                if first != f:
+                    log.warning("%s: the same file as %s; read once", f, first)
     if not files:
         raise ProtlocError("no input images given (stdin listed no paths)")
-    files = dict.fromkeys(_without_companions(list(files)))
+    files = dict.fromkeys(_without_companions(list(files.values())))
     suffixes = [s.strip().lstrip("_") for s in channel_suffixes or [] if s.strip().lstrip("_")]
     if not suffixes:
         return [Source(f, (f,), None) for f in files]
@@ -70,9 +79,11 @@ def read_source(src: Source, z: str = "max", axes: str | None = None,
 def _expand(path: str) -> list[str]:
     """A file -> itself (whatever its extension); a directory -> its TIFFs, recursively, sorted."""
     if os.path.isdir(path):
-        found = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden directories
+        found, seen = [], set()
+        for root, dirs, names in os.walk(path, followlinks=True):
+            seen.add(os.path.realpath(root))
+            # hidden folders are pruned, and folders met before (a link back up would never end)
+            dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
             found += [os.path.join(root, n) for n in names
                       if not n.startswith(".") and n.lower().endswith(TIFF_SUFFIXES)]
         if not found:
@@ -85,20 +96,23 @@ def _expand(path: str) -> list[str]:
 
 
 def _without_companions(files: list[str]) -> list[str]:
-    """The files less the companions of multi-file OME-TIFFs whose master is read (see the module doc)."""
-    given = set(files)
+    """The files less those whose multi-file OME-TIFF image another input reads (see the module doc)."""
+    real = os.path.realpath
+    xml = {f: read_ome_xml(f) if f.lower().endswith(OME_SUFFIXES) else None for f in files}
+    # a BinaryOnly file is read by whichever input (its master, renamed or not) spreads its image over it
+    read_by_others = {real(p) for f, ome in xml.items() if ome is not None and ome.master() is None
+                      for p in ome.partners(f)}
     kept, covered = [], set()
     for f in files:
-        ome = read_ome_xml(f)
-        if ome is not None:
-            master = ome.master()
-            if master is not None and master in given:
-                continue  # pixels only: its master reads them
-            if master is None:
-                if f in covered:
-                    continue  # an earlier input's OME-XML already reads its planes
-                covered.update(ome.files())
-        kept.append(f)
+        ome = xml[f]
+        if ome is None:
+            kept.append(f)
+        elif ome.master() is not None:  # pixels only
+            if real(f) not in read_by_others:
+                kept.append(f)
+        elif real(f) not in covered:  # else an earlier input reads it with its own planes
+            kept.append(f)
+            covered.update(real(p) for p in ome.partners(f))
     return kept
 
 

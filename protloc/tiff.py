@@ -9,7 +9,9 @@ channel x z and only the per-page metadata says which is which. `read_tiff`:
 - picks what to read: the one tifffile series; pages saved one by one (one series per page, as
   append mode and scikit-image write them) as one stack; of several real series (OME images,
   pyramids, shapes that differ) `series` K, by default the first full-resolution one, with a
-  warning naming how many there are;
+  warning naming how many there are. A file of a multi-file OME-TIFF set holds the images with
+  planes in it (other files of the set are images of their own, or parts of its images); a
+  BinaryOnly file that holds whole images is read through the XML of the file it names;
 - checks what the metadata declare against what the file holds (declared.py, micromanager.py)
   and what tifffile said while reading (tiff_messages.py);
 - finds the axes (axes.py: trusted metadata first, the shape rule otherwise), projects Z away
@@ -116,7 +118,7 @@ class _Planes:
     stacked: bool = False
 
     @classmethod
-    def of(cls, series, index):
+    def of(cls, index, series):  # index: the series' position in tif.series
         return cls(list(series), tuple(series.shape), series.axes, tuple(series.get_shape(False)),
                    series.get_axes(False), trusted(series), series, index)
 
@@ -144,20 +146,20 @@ def _saved_page_by_page(all_series) -> bool:
         and s.dtype == first.dtype and not s.keyframe.is_reduced for s in all_series)
 
 
-def _choose(tif, path, index) -> tuple[_Planes, list[str]]:
-    """The planes to read, and a warning when the file holds other series."""
-    all_series = tif.series
+def _choose(all_series, path, index) -> tuple[_Planes, list[str]]:
+    """The planes to read of the file's series ((position in tif.series, series) pairs), and a
+    warning when the file holds others; `index` (--series) counts the file's series."""
     n = len(all_series)
     if n == 0:
         raise ProtlocError(f"{path}: not a readable TIFF (no image in it)")
     if index is not None:
         if not 0 <= index < n:
             raise _no_series(path, index, n)
-        return _Planes.of(all_series[index], index), []
-    if _saved_page_by_page(all_series):
-        return _Planes.stack(all_series), []
-    k = next((i for i, s in enumerate(all_series) if not s.keyframe.is_reduced), 0)  # skip reduced levels
-    chosen = _Planes.of(all_series[k], k)
+        return _Planes.of(*all_series[index]), []
+    if _saved_page_by_page([s for _, s in all_series]):
+        return _Planes.stack([s for _, s in all_series]), []
+    k = next((k for k, (_, s) in enumerate(all_series) if not s.keyframe.is_reduced), 0)  # skip reduced levels
+    chosen = _Planes.of(*all_series[k])
     if n == 1:
         return chosen, []
     return chosen, [f"{path}: holds {n} image series; read series {k} (shape {chosen.shape}); "
@@ -184,18 +186,57 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
             messages.raise_errors()
             return _convert(_read_micromanager(tif.pages, path, z, max_pixels, planes), path), None, []
     ome = OmeXml.of(tif.pages.first.description, path) if tif.is_ome else None
+    master = ome.master() if ome is not None else None
+    if master is None:
+        return _read_series(tif, path, ome, z, axes, max_pixels, series, messages)
+    # pixels only: the OME-XML of the set is in its master file
+    if not os.path.exists(master):
+        raise ProtlocError(f"{path}: holds pixels of the multi-file OME-TIFF {master}, which is missing "
+                           "(its metadata are there)")
+    try:
+        root = tifffile.TiffFile(master)
+    except tifffile.TiffFileError:
+        raise ProtlocError(f"{path}: its OME metadata are in {master}, which is not a TIFF (an OME companion "
+                           "file); protloc reads multi-file OME-TIFFs whose metadata are in one of their TIFFs") from None
+    with root:
+        root_ome = OmeXml.of(root.pages.first.description, master)
+        if root_ome is None or root_ome.master() is not None:
+            raise ProtlocError(f"{path}: its OME metadata should be in {master}, which holds none")
+        if os.path.realpath(master) in map(os.path.realpath, root_ome.partners(path)):
+            raise ProtlocError(f"{path}: is a companion of the multi-file OME-TIFF {master} (it holds pixels "
+                               "only of an image whose metadata are there): give that file instead")
+        return _read_series(root, path, root_ome, z, axes, max_pixels, series, messages, held=len(tif.pages))
+
+
+def _read_series(tif, path, ome, z, axes, max_pixels, series, messages, held=None):
+    """Read `path` through tifffile's series of `tif` (the file itself, or the master file of a
+    multi-file OME-TIFF that holds `path`'s metadata; then `held` is the number of pages of `path`)."""
     if ome is not None:
         declared.check_ome_files(ome, path)
-    if tif.is_shaped:
-        declared.check_shaped(tif, path)
-    chosen, notes = _choose(tif, path, series)
-    what = f"its {chosen.series.kind or 'TIFF'} metadata"
-    if tif.is_imagej:
-        declared.check_imagej(tif, chosen.series, path)
+        # a missing file of another image of the set is not this file's error (tifffile reports it
+        # while it builds every series; the planes of the image read are checked below)
+        others = ome.missing_elsewhere(path)
+        for name in others:
+            messages.ignore(f"OME series failed to read {name!r}")
+        if others:
+            messages.ignore(f"OME series failed to read {len(others)} files")
+    all_series = list(enumerate(tif.series))
     if ome is not None:
-        declared.check_ome_pages(tif, tif.series, path)
-        sizes = ome.sizes(chosen.index)
-        what = f"its OME-XML ({sizes})" if sizes else "its OME-XML"
+        declared.check_ome_pages(ome, tif.series, path, len(tif.pages) if held is None else held)
+        # the images with planes in this file (a set's other files are images, or parts, of their own)
+        me = os.path.realpath(path)
+        all_series = [(i, s) for i, s in all_series if any(p is not None and declared.file_of(p) == me for p in s)]
+    if held is None and tif.is_shaped:
+        declared.check_shaped(tif, path)
+    chosen, notes = _choose(all_series, path, series)
+    what = f"its {chosen.series.kind or 'TIFF'} metadata"
+    if held is None and tif.is_imagej:
+        declared.check_imagej(tif, chosen.series, path)
+    image = ome.image(chosen.index) if ome is not None else None
+    if ome is not None:
+        sizes = ome.sizes(image) if image is not None else None
+        xml = "its OME-XML" if held is None else f"the OME-XML in {ome.path}"
+        what = f"{xml} ({sizes})" if sizes else xml
     declared.check_planes(chosen.pages, path, what)
     messages.raise_errors()  # a damaged file is named as such before its axes are guessed
 
@@ -217,7 +258,7 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
     finally:
         cache.clear()
     pixels = _convert(pixels, path)
-    names = ome.channel_names(chosen.index, pixels.shape[0]) if ome is not None else None
+    names = ome.channel_names(image, pixels.shape[0]) if image is not None else None
     return pixels, names, notes
 
 
@@ -281,26 +322,29 @@ def _project_pages(pages, shape, roles, z, cache):
 
 
 def _read_micromanager(pages, path, z, max_pixels, planes=None):
-    """Pages grouped by channel (in order of first appearance), projected over z-slices; `planes`
-    is each page's (channel, slice) (micromanager.page_planes), None to find them here. None
-    when the pages lack the metadata."""
+    """Pages grouped by channel (in order of first appearance), projected over z-slices; an RGB
+    page's samples are channels of their own. `planes` is each page's (channel, slice)
+    (micromanager.page_planes), None to find them here. None when the pages lack the metadata."""
     planes = planes if planes is not None else micromanager.page_planes(pages, path)
     if planes is None:
         return None
     channels = list(dict.fromkeys(c for c, _ in planes))
-    y, x = pages[0].shape
-    _check_size(path, len(planes) * y * x, max_pixels)
+    shape = tuple(pages[0].shape)  # (Y, X), or with samples (Y, X, S) or (S, Y, X)
+    n_samples = pages[0].samplesperpixel if len(shape) == 3 else 1
+    _check_size(path, len(planes) * math.prod(shape), max_pixels)
     slices = {c: sorted(s for cc, s in planes if cc == c) for c in channels}
     middle = {c: s[len(s) // 2] for c, s in slices.items()}
     has_z = any(len(s) > 1 for s in slices.values())
-    proj = _Projection(z if has_z else "max", len(channels), 1)
+    proj = _Projection(z if has_z else "max", len(channels) * n_samples, 1)
     for page, (c, s) in zip(pages, planes):
         if z == "middle" and s != middle[c]:
             continue
         plane = page.asarray()
-        if plane.shape != (y, x):
-            raise ProtlocError(f"{path}: MicroManager pages differ in size ({plane.shape} vs {(y, x)})")
-        proj.add(channels.index(c), plane)
+        if plane.shape != shape:
+            raise ProtlocError(f"{path}: MicroManager pages differ in size ({plane.shape} vs {shape})")
+        block = np.moveaxis(plane, page.axes.index("S"), 0) if n_samples > 1 else plane.reshape(1, *plane.shape[-2:])
+        for k in range(n_samples):  # (S, Y, X)
+            proj.add(channels.index(c) * n_samples + k, block[k])
     return proj.result()
 
 
@@ -337,7 +381,10 @@ class _Projection:
 
 
 def _convert(a, source):
-    """Keep uint8 / uint16 / float32 (native byte order); bool -> uint8; other numbers -> float32."""
+    """Keep uint8 / uint16 / float32 (native byte order); bool -> uint8; other numbers -> float32.
+    An image without pixels (a width or height of 0 in a damaged header) is refused."""
+    if a.size == 0:
+        raise ProtlocError(f"{source}: holds an empty image ({' x '.join(map(str, a.shape[-2:]))} pixels)")
     kind, size = a.dtype.kind, a.dtype.itemsize
     if kind == "b":
         out = a.astype(np.uint8)

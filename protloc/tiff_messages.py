@@ -40,14 +40,15 @@ class TiffMessages:
         self._ignored: tuple[str, ...] = ()
 
     def ignore(self, prefix: str) -> None:
-        """Drop records whose raw text starts with `prefix` (a probe tifffile makes of every file of a kind)."""
+        """Drop records whose text, raw or after tifffile's `<tifffile...>` prefix, starts with `prefix`
+        (a probe tifffile makes of every file of a kind, or a message about another file)."""
         self._ignored += (prefix,)
 
     def add(self, text: str, error: bool) -> None:
-        if text.startswith(self._ignored):
+        said = " ".join(_PREFIX.sub("", text).split())
+        if text.startswith(self._ignored) or said.startswith(self._ignored):
             return
-        text = " ".join(_PREFIX.sub("", text).split())
-        (self.errors if error else self._warnings).setdefault(text, None)
+        (self.errors if error else self._warnings).setdefault(said, None)
 
     @property
     def warnings(self) -> list[str]:
