@@ -2,7 +2,8 @@
 
 Parameter names follow the DINO reference (`cls_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`) so official DINO and
-DINO4Cells backbones load by name.
+DINO4Cells backbones load by name. Models pretrained with iBOT's masked-patch loss also hold
+DINOv2's `mask_token` (ViTConfig.mask_token), which stands in for masked patches.
 
 Token layouts:
 - `fused`: one token per patch from all C channels (Conv over C*p*p); C is fixed by the weights.

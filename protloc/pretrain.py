@@ -2,11 +2,12 @@
 
 One step: decode B images (loader workers) -> multi-crop on the training device (augment.py)
 -> teacher on the 2 global crops, student on all crops packed into one transformer pass
-(dino.DINOModel) -> DINO loss -> AdamW step with per-parameter gradient clipping -> teacher EMA.
+(dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
+-> AdamW step with per-parameter gradient clipping -> teacher EMA.
 
 Exact resume: nothing random depends on history. The data order of epoch e is a permutation
-seeded by (seed, e); the crops and stochastic depth of step s are seeded by (seed, s, rank). A
-checkpoint holds student, teacher, optimizer, the loss center, the step and the run's settings
+seeded by (seed, e); the crops, iBOT masks and stochastic depth of step s are seeded by (seed, s, rank). A
+checkpoint holds student, teacher, optimizer, the loss centers, the step and the run's settings
 (PretrainConfig), so 2 steps + resume to 4 gives the same weights as 4 steps; a resumed run
 takes its settings from the checkpoint (`recorded_config`), and a different run from the same
 weights is a new run (`init`: step 0, a new optimizer, schedules and DINO head).
@@ -299,15 +300,15 @@ class Trainer:
             teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
             student_out = student(crops, names, cfg.pack, masks)
             loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)
-            parts = {"dino": loss}  # what the loss is made of, beyond DINO's when DINOv2's ingredients are on
+            terms = {}  # DINOv2's terms added to DINO's loss, weighted
             if cfg.koleo:  # per global crop, as DINOv2: never between the two crops of one image
-                parts["koleo"] = cfg.koleo * sum(koleo_loss(c) for c in student_out.cls.chunk(2))
+                terms["koleo"] = cfg.koleo * sum(koleo_loss(c) for c in student_out.cls.chunk(2))
             if cfg.ibot:
-                parts["ibot"] = cfg.ibot * self.ibot_loss(student_out.patch_logits, teacher_out.patch_logits,
+                terms["ibot"] = cfg.ibot * self.ibot_loss(student_out.patch_logits, teacher_out.patch_logits,
                                                           student_out.patch_mask, temp)[0]
-            for name in ("koleo", "ibot"):
-                if name in parts:
-                    loss = loss + parts[name]
+            if terms:
+                terms = {"dino": loss, **terms}
+                loss = sum(terms.values())
         losses = all_gather_float(self.world, loss.item())
         if not all(math.isfinite(v) for v in losses):
             kept = f"; the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved else ""
@@ -330,8 +331,8 @@ class Trainer:
                 "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
                 "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
                 "peak_memory_mb": peak_memory_mb(self.world.device),
-                **({f"{name}_loss": sum(all_gather_float(self.world, part.item())) / self.world.size
-                    for name, part in parts.items()} if len(parts) > 1 else {})}
+                **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
+                   for name, term in terms.items()}}
 
     def save(self):
         sums = all_gather_float(self.world, replica_checksum(self.teacher))
