@@ -7,8 +7,9 @@
 `--koleo 0.1`, `--centering sinkhorn`, `--ibot 1` (DINOv2's mask ratios 0.1-0.5 of half the
 global crops) and all three. The batches are decoded first; a step is multi-crop, masks, teacher
 and student forward, losses, backward, AdamW and EMA. The configurations take turns, `--repeats`
-times `--steps` steps each after one warm-up step, and each reports its median step time, so a
-busy machine slows them all alike.
+times `--steps` steps each after one warm-up step, so a busy machine slows them all alike. Each
+reports its median wall time per step and its median CPU time per step: the process's, which
+other jobs on a shared machine do not inflate (the fairer figure for a one-thread CPU run).
 """
 
 import argparse
@@ -52,27 +53,28 @@ def main():
             if batches is None:  # the same decoded images for every configuration
                 batches = list(trainers[name].batches(args.steps + 1))
             trainers[name].train_step(batches[0])  # warm-up
-        times = {name: [] for name in FLAGS}
+        wall, cpu = {name: [] for name in FLAGS}, {name: [] for name in FLAGS}
         for _ in range(args.repeats):
             for name, trainer in trainers.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 for items in batches[1:]:
                     trainer.train_step(items)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - start) / args.steps)
+                wall[name].append((time.perf_counter() - start) / args.steps)
+                cpu[name].append((time.process_time() - start_cpu) / args.steps)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     lines = [f"# protloc pretrain step time with DINOv2 / iBOT flags: {platform.machine()}, {where}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
              "# make demo's recipe: vit_tiny/8 depth 4, out_dim 1024, bn in head, batch 32, 2 x 64 px, no local crops; "
              f"median of {args.repeats} turns of {args.steps} steps",
-             f"{'flags':<22} {'s/step':>8} {'overhead':>9}"]
-    base = statistics.median(times["DINO (demo)"])
-    for name, values in times.items():
-        t = statistics.median(values)
-        lines.append(f"{name:<22} {t:>8.3f} {100 * (t / base - 1):>+8.0f}%")
+             f"{'flags':<22} {'wall s/step':>12} {'overhead':>9} {'CPU s/step':>11} {'overhead':>9}"]
+    base, base_cpu = statistics.median(wall["DINO (demo)"]), statistics.median(cpu["DINO (demo)"])
+    for name in FLAGS:
+        t, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        lines.append(f"{name:<22} {t:>12.3f} {100 * (t / base - 1):>+8.0f}% {c:>11.3f} {100 * (c / base_cpu - 1):>+8.0f}%")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:

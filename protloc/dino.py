@@ -121,7 +121,7 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
 
 
-class iBOTPatchLoss(DINOLoss):  # noqa: N801 (iBOT's and DINOv2's name)
+class iBOTPatchLoss(DINOLoss):  # DINOv2's name
     """iBOT's masked-patch loss (Zhou et al. 2022), as DINOv2's `iBOTPatchLoss.forward_masked`.
 
     student_out: (M, K) the student's logits on the M masked patch tokens of the global crops.
