@@ -118,18 +118,18 @@ def _pair(_ctx, param, value):
               help="Crops standardized with their whole image's channel mean / std (image), or its 1-99.8% "
                    "range mapped to 0-1 (percentile); recorded in the checkpoint, so embed uses the same.")
 @click.option("--no-pack", is_flag=True, help="Run the transformer once per crop size (DINO's way) instead of one packed pass.")
-@click.option("--koleo", type=click.FloatRange(min=0), default=0.0, metavar="W",
+@click.option("--koleo", type=click.FloatRange(min=0), default=PretrainConfig.koleo, metavar="W",
               help="Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global crop away from "
                    "its nearest neighbour in the batch, spreading features apart (DINOv2: 0.1; 0: off).")
-@click.option("--centering", type=click.Choice(CENTERINGS), default="center",
+@click.option("--centering", type=click.Choice(CENTERINGS), default=PretrainConfig.centering,
               help="Teacher targets: softmax after subtracting a running mean (center, DINO) or Sinkhorn-Knopp "
                    "(sinkhorn, DINOv2), which gives every output dimension an equal share of each batch.")
-@click.option("--ibot", type=click.FloatRange(min=0), default=0.0, metavar="W",
+@click.option("--ibot", type=click.FloatRange(min=0), default=PretrainConfig.ibot, metavar="W",
               help="Weight of iBOT's masked-patch loss: the student sees some global crops with blocks of patches "
                    "replaced by a learned mask token and predicts the teacher's outputs there (DINOv2: 1.0; 0: off).")
-@click.option("--mask-ratio", default="0.1,0.5", callback=_pair,
+@click.option("--mask-ratio", default=",".join(map(str, PretrainConfig.mask_ratio)), callback=_pair, metavar="LOW,HIGH",
               help="With --ibot: range of the share of a masked crop's patches that are masked (DINOv2's).")
-@click.option("--mask-prob", type=click.FloatRange(0, 1, min_open=True), default=0.5,
+@click.option("--mask-prob", type=click.FloatRange(0, 1, min_open=True), default=PretrainConfig.mask_prob,
               help="With --ibot: share of the global crops that are masked (DINOv2's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps between checkpoints.")
 @click.option("--log", "log_path", metavar="FILE.jsonl", default=None, help="Append per-step metrics as JSON lines.")
