@@ -13,6 +13,7 @@ from protloc.cli.options import architecture_options, common, data_options, devi
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
 from protloc.data import ViewOptions
+from protloc.dino import CENTERINGS
 from protloc.errors import ProtlocError
 from protloc.output import check_destination
 from protloc.pretrain import PretrainConfig, Trainer, recorded_config
@@ -40,7 +41,9 @@ def _settings(cfg: PretrainConfig) -> dict[str, object]:
             "--warmup-teacher-temp-epochs": cfg.warmup_teacher_temp_epochs, "--global-size": crops.global_size,
             "--local-size": crops.local_size, "--local-crops": crops.local_crops,
             "--global-scale": tuple(crops.global_scale), "--local-scale": tuple(crops.local_scale),
-            "--channel-dropout": crops.channel_dropout, "--no-pack": not cfg.pack, "--seed": cfg.seed}
+            "--channel-dropout": crops.channel_dropout, "--no-pack": not cfg.pack, "--seed": cfg.seed,
+            "--koleo": cfg.koleo, "--centering": cfg.centering, "--ibot": cfg.ibot,
+            "--mask-ratio": tuple(cfg.mask_ratio), "--mask-prob": cfg.mask_prob}
 
 
 def _given_flags(ctx) -> set[str]:
@@ -115,6 +118,19 @@ def _pair(_ctx, param, value):
               help="Crops standardized with their whole image's channel mean / std (image), or its 1-99.8% "
                    "range mapped to 0-1 (percentile); recorded in the checkpoint, so embed uses the same.")
 @click.option("--no-pack", is_flag=True, help="Run the transformer once per crop size (DINO's way) instead of one packed pass.")
+@click.option("--koleo", type=click.FloatRange(min=0), default=PretrainConfig.koleo, metavar="W",
+              help="Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global crop away from "
+                   "its nearest neighbour in the batch, spreading features apart (DINOv2: 0.1; 0: off).")
+@click.option("--centering", type=click.Choice(CENTERINGS), default=PretrainConfig.centering,
+              help="Teacher targets: softmax after subtracting a running mean (center, DINO) or Sinkhorn-Knopp "
+                   "(sinkhorn, DINOv2), which gives every output dimension an equal share of each batch.")
+@click.option("--ibot", type=click.FloatRange(min=0), default=PretrainConfig.ibot, metavar="W",
+              help="Weight of iBOT's masked-patch loss: the student sees some global crops with blocks of patches "
+                   "replaced by a learned mask token and predicts the teacher's outputs there (DINOv2: 1.0; 0: off).")
+@click.option("--mask-ratio", default=",".join(map(str, PretrainConfig.mask_ratio)), callback=_pair, metavar="LOW,HIGH",
+              help="With --ibot: range of the share of a masked crop's patches that are masked (DINOv2's).")
+@click.option("--mask-prob", type=click.FloatRange(0, 1, min_open=True), default=PretrainConfig.mask_prob,
+              help="With --ibot: share of the global crops that are masked (DINOv2's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, help="Steps between checkpoints.")
 @click.option("--log", "log_path", metavar="FILE.jsonl", default=None, help="Append per-step metrics as JSON lines.")
 @click.option("--seed", type=int, default=0, help="Seed of initialization, data order and augmentation.")
@@ -127,7 +143,8 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
                      batch_size, lr, min_lr, warmup_epochs, weight_decay, weight_decay_end, clip_grad,
                      freeze_last_layer, use_bn_in_head, momentum_teacher, teacher_temp, warmup_teacher_temp,
                      warmup_teacher_temp_epochs, global_size, local_size, local_crops, global_scale, local_scale,
-                     channel_dropout, normalize, no_pack, checkpoint_every, log_path, workers, on_error, seed, force,
+                     channel_dropout, normalize, no_pack, koleo, centering, ibot, mask_ratio, mask_prob,
+                     checkpoint_every, log_path, workers, on_error, seed, force,
                      channels, channel_suffixes, z, axes, series, max_pixels, device, quiet):
     """DINO self-supervised pretraining: a backbone that knows your cells, without labels.
 
@@ -150,7 +167,8 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
                          momentum_teacher=momentum_teacher,
                          warmup_teacher_temp=warmup_teacher_temp, teacher_temp=teacher_temp,
                          warmup_teacher_temp_epochs=warmup_teacher_temp_epochs, crops=crops,
-                         pack=not no_pack, seed=seed)
+                         pack=not no_pack, seed=seed,
+                         koleo=koleo, centering=centering, ibot=ibot, mask_ratio=mask_ratio, mask_prob=mask_prob)
     if resume:
         if init is not None:
             raise click.UsageError("--resume continues a run; --init starts one: give one of them")
@@ -161,6 +179,8 @@ def pretrain_command(ctx, data, output, steps, epochs, resume, init, stop_at, ar
         if (steps is None) == (epochs is None):
             raise click.UsageError("give the length of the run: --steps N or --epochs N (one of them)")
         check_destination(output, force)
+    if not cfg.ibot and {"--mask-ratio", "--mask-prob"} & _given_flags(ctx):
+        raise click.UsageError("--mask-ratio and --mask-prob set iBOT's masking: give --ibot W too")
 
     world = distributed.init(device)
     try:

@@ -5,18 +5,22 @@ teacher's outputs on the 2 global crops, centered and sharpened, are the targets
 student's outputs on every other crop (global and local); the teacher is an exponential moving
 average of the student. Centering (a running mean of teacher outputs) and sharpening (a low
 teacher temperature) together keep the outputs from collapsing to one dimension or to uniform.
-Names and defaults follow the reference implementation (facebookresearch/dino).
+Names and defaults follow the reference implementation (facebookresearch/dino). DINOv2's and
+iBOT's additions (Sinkhorn-Knopp targets, the masked-patch loss) plug in here; see protloc.dinov2.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from protloc.dinov2 import sinkhorn_knopp
 
 
 class WeightNormLinear(nn.Module):
@@ -63,24 +67,39 @@ class DINOHead(nn.Module):
         return self.last_layer(x)
 
 
+CENTERINGS = ("center", "sinkhorn")  # how teacher outputs become targets (DINOLoss.targets)
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between centered, sharpened teacher outputs and student outputs.
 
     teacher_out: (2 * B, K) logits on the global crops, crop-major (crop 0 of every image first).
     student_out: (n_crops * B, K) logits on all crops, crop-major, the 2 global crops first.
     Every (teacher crop, student crop) pair of different crops is one term; their mean is the loss.
-    The center is a running mean of the teacher's logits, all-reduced over ranks.
+    centering "center" (DINO): the teacher's logits minus a running mean of them (all-reduced over
+    ranks), softmax at the teacher temperature. "sinkhorn" (DINOv2, protloc.dinov2.sinkhorn_knopp):
+    Sinkhorn-Knopp over the batch of all ranks; the center is then neither used nor updated (as in
+    DINOv2), and checkpoints keep it as it was.
     """
 
-    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9):
+    def __init__(self, out_dim, student_temp=0.1, center_momentum=0.9, centering="center"):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"unknown centering {centering!r}; choose from {', '.join(CENTERINGS)}")
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def targets(self, teacher_out, teacher_temp):
+        """Teacher logits (n, K) -> target probabilities (n, K), without gradient."""
+        if self.centering == "sinkhorn":
+            return sinkhorn_knopp(teacher_out, teacher_temp)
+        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
 
     def forward(self, student_out, teacher_out, n_crops, teacher_temp):
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_crops)
-        targets = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        targets = self.targets(teacher_out, teacher_temp).chunk(2)
         total, terms = 0.0, 0
         for t, q in enumerate(targets):
             for s, logp in enumerate(student_logp):
@@ -88,7 +107,8 @@ class DINOLoss(nn.Module):
                     continue
                 total = total + torch.sum(-q * logp, dim=-1).mean()
                 terms += 1
-        self.update_center(teacher_out)
+        if self.centering == "center":
+            self.update_center(teacher_out)
         return total / terms, targets
 
     @torch.no_grad()
@@ -99,6 +119,28 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+class iBOTPatchLoss(DINOLoss):  # DINOv2's name
+    """iBOT's masked-patch loss (Zhou et al. 2022), as DINOv2's `iBOTPatchLoss.forward_masked`.
+
+    student_out: (M, K) the student's logits on the M masked patch tokens of the global crops.
+    teacher_out: (M, K) the teacher's logits on the same tokens of the unmasked crops.
+    patch_mask: (n, T) bool, which patch tokens of the n global crops those M rows are (row-major).
+    The loss is the cross-entropy of each masked token, averaged within its crop, summed over the
+    crops and divided by n (crops without masked tokens count as 0). Targets as DINOLoss's, with a
+    center of their own (DINOv2 keeps one per loss): the running mean of the teacher's masked-token
+    logits, or Sinkhorn-Knopp over the masked tokens of all ranks."""
+
+    def forward(self, student_out, teacher_out, patch_mask, teacher_temp):
+        targets = self.targets(teacher_out, teacher_temp)  # (M, K)
+        logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)  # (M, K)
+        per_crop = patch_mask.sum(dim=1, keepdim=True).clamp(min=1)  # (n, 1)
+        weights = (1.0 / per_crop).expand_as(patch_mask)[patch_mask]  # (M,): 1 / masked tokens of its crop
+        loss = (torch.sum(-targets * logp, dim=-1) * weights).sum() / patch_mask.shape[0]
+        if self.centering == "center":
+            self.update_center(teacher_out)
+        return loss, targets
 
 
 def entropy(probs: torch.Tensor) -> float:
@@ -162,6 +204,13 @@ def collapse_warning(teacher_entropy: float, out_dim: int) -> str | None:
     return None
 
 
+class DINOOutputs(NamedTuple):
+    logits: torch.Tensor  # (sum n_i, out_dim): the head on every crop's CLS token, in the crops' order
+    cls: torch.Tensor  # (n_0, D): the backbone's CLS tokens of crops[0], the global crops (KoLeo's input)
+    patch_logits: torch.Tensor | None  # (M, out_dim): the head on the M masked patch tokens of crops[0] (iBOT)
+    patch_mask: torch.Tensor | None  # (n_0, T) bool: which patch tokens of crops[0] those M rows are, row-major
+
+
 class DINOModel(nn.Module):
     """Backbone + head applied to the crops of a batch.
 
@@ -169,7 +218,13 @@ class DINOModel(nn.Module):
     (DINO: the 2B global crops, then the NB local crops, each crop-major). With `pack`, the
     tokens of all crops run through the transformer in one pass (attention stays within each
     crop); without, one pass per crop size, as the DINO reference does. Same result either way.
-    Returns the head's logits (sum n_i, out_dim) in the order of the crops.
+
+    masks (iBOT): (n_0, N) bool over the patch grid of crops[0], or None. The patch tokens at
+    masked positions (every channel's token there, in the channel layout) go through the head too,
+    in the same call as the CLS tokens: one head shared by CLS and patch tokens, as iBOT's
+    `--shared_head true` and DINOv2's default `ibot.separate_head: false`. With `mask_input`
+    (the student) those patches enter the backbone as its mask token; without (the teacher) as
+    they are.
     """
 
     def __init__(self, backbone, head):
@@ -177,13 +232,20 @@ class DINOModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops, channel_names=None, pack=True):
+    def forward(self, crops, channel_names=None, pack=True, masks=None, mask_input=True) -> DINOOutputs:
         tokens = []
-        for c in crops:
+        for i, c in enumerate(crops):
             ones = torch.ones(c.shape[:2], device=c.device)  # (n, C): crops arrive normalized
-            tokens.append(self.backbone.tokens(c, ones, torch.zeros_like(ones), channel_names))
+            mask = masks if i == 0 and mask_input else None
+            tokens.append(self.backbone.tokens(c, ones, torch.zeros_like(ones), channel_names, mask))
         if pack:
             outs = self.backbone.forward_pack(tokens)
         else:
             outs = [self.backbone.forward_pack([t])[0] for t in tokens]
-        return self.head(torch.cat([o[:, 0] for o in outs]))  # CLS token of every crop
+        rows = [o[:, 0] for o in outs]  # CLS token of every crop
+        n_cls = sum(len(r) for r in rows)
+        if masks is None:
+            return DINOOutputs(self.head(torch.cat(rows)), outs[0][:, 0], None, None)
+        patch_mask = self.backbone.token_mask(masks, crops[0].shape[1])  # (n_0, T)
+        logits = self.head(torch.cat(rows + [outs[0][:, 1:][patch_mask]]))
+        return DINOOutputs(logits[:n_cls], outs[0][:, 0], logits[n_cls:], patch_mask)

@@ -2,7 +2,8 @@
 
 Parameter names follow the DINO reference (`cls_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`) so official DINO and
-DINO4Cells backbones load by name.
+DINO4Cells backbones load by name. Models pretrained with iBOT's masked-patch loss also hold
+DINOv2's `mask_token` (ViTConfig.mask_token), which stands in for masked patches.
 
 Token layouts:
 - `fused`: one token per patch from all C channels (Conv over C*p*p); C is fixed by the weights.
@@ -48,6 +49,7 @@ class ViTConfig:
     img_size: int = 224  # the positional grid is stored at img_size // patch and interpolated to any other
     depth: int = 12
     drop_path: float = 0.0
+    mask_token: bool = False  # a learned `mask_token` for masked patches (iBOT's loss; DINOv2's name)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -145,6 +147,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
         if config.layout == "channel":
             self.channel_embed = nn.Parameter(torch.zeros(len(config.vocab), dim))
+        if config.mask_token:  # zeros, as DINOv2 initializes it
+            self.mask_token = nn.Parameter(torch.zeros(1, dim))
         rates = torch.linspace(0, config.drop_path, config.depth).tolist()  # deeper blocks drop more, as in DINO
         self.blocks = nn.ModuleList(Block(dim, config.heads, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -187,8 +191,13 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)  # (N, D)
         return torch.cat([pos[:1], patch_pos])
 
-    def tokens(self, pixels, scale, shift, channel_names=None):
-        """Pixels (B, C, H, W) with per-(image, channel) scale/shift -> tokens (B, 1 + T, D)."""
+    def tokens(self, pixels, scale, shift, channel_names=None, mask=None):
+        """Pixels (B, C, H, W) with per-(image, channel) scale/shift -> tokens (B, 1 + T, D).
+
+        mask: (B, N) bool over the patch grid (N = (H // p) * (W // p)), or None. A masked patch's
+        embedding is replaced by the learned mask token before the positional (and channel)
+        embeddings are added, as DINOv2's `prepare_tokens_with_masks`; in the channel layout every
+        channel's token at that position is masked."""
         p = self.config.patch
         B, C, H, W = pixels.shape
         if H < p or W < p:
@@ -202,7 +211,23 @@ class VisionTransformer(nn.Module):
                                f"({', '.join(self.config.channels)})")
         pos = self.pos_embed_at(H // p, W // p)
         proj = self.patch_embed.proj
-        return kernels.patch_embed(pixels, scale, shift, proj.weight, proj.bias, pos, self.cls_token[0, 0], channel_embed)
+        x = kernels.patch_embed(pixels, scale, shift, proj.weight, proj.bias, pos, self.cls_token[0, 0], channel_embed)
+        if mask is None:
+            return x
+        if not self.config.mask_token:
+            raise ValueError("this model has no mask token (ViTConfig.mask_token)")
+        if mask.shape != (B, pos.shape[0] - 1):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} for {B} images of {pos.shape[0] - 1} patches")
+        fill = self.mask_token + pos[1:]  # (N, D)
+        if channel_embed is not None:
+            fill = (channel_embed[:, None] + fill).flatten(0, 1)  # (C * N, D), channel-major as the tokens
+        patches = torch.where(self.token_mask(mask, C)[..., None], fill.to(x.dtype), x[:, 1:])  # (B, T, D)
+        return torch.cat([x[:, :1], patches], dim=1)
+
+    def token_mask(self, mask, n_channels):
+        """Masked patches (B, N) -> masked patch tokens (B, T): the same in the fused layout; every
+        channel's token at a masked patch in the channel layout (T = n_channels * N, channel-major)."""
+        return mask.repeat(1, n_channels) if self.config.layout == "channel" else mask
 
     def forward_pack(self, token_sets):
         """Run the transformer once over several token sets [(B_i, L_i, D)] packed together.

@@ -2,11 +2,12 @@
 
 One step: decode B images (loader workers) -> multi-crop on the training device (augment.py)
 -> teacher on the 2 global crops, student on all crops packed into one transformer pass
-(dino.DINOModel) -> DINO loss -> AdamW step with per-parameter gradient clipping -> teacher EMA.
+(dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
+-> AdamW step with per-parameter gradient clipping -> teacher EMA.
 
 Exact resume: nothing random depends on history. The data order of epoch e is a permutation
-seeded by (seed, e); the crops and stochastic depth of step s are seeded by (seed, s, rank). A
-checkpoint holds student, teacher, optimizer, the loss center, the step and the run's settings
+seeded by (seed, e); the crops, iBOT masks and stochastic depth of step s are seeded by (seed, s, rank). A
+checkpoint holds student, teacher, optimizer, the loss centers, the step and the run's settings
 (PretrainConfig), so 2 steps + resume to 4 gives the same weights as 4 steps; a resumed run
 takes its settings from the checkpoint (`recorded_config`), and a different run from the same
 weights is a new run (`init`: step 0, a new optimizer, schedules and DINO head).
@@ -31,7 +32,8 @@ from protloc.augment import MultiCropConfig, multi_crop
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from protloc.data import ImageDataset, ViewOptions, decoded, model_view, probe_channels, usable
 from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
-                          ema_update, entropy, param_groups, teacher_temp_schedule)
+                          ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
+from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
 from protloc.errors import ProtlocError
 from protloc.model import ViTConfig, VisionTransformer
@@ -77,6 +79,12 @@ class PretrainConfig:
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     pack: bool = True  # all crops in one transformer pass (False: one pass per crop size, like DINO)
     seed: int = 0
+    # DINOv2 / iBOT ingredients (protloc.dinov2), all off by default: the run is then DINO's as above
+    koleo: float = 0.0  # weight of KoLeo on the student's global-crop CLS features (DINOv2: 0.1)
+    centering: str = "center"  # teacher targets: running-mean "center" (DINO) or "sinkhorn" (DINOv2)
+    ibot: float = 0.0  # weight of iBOT's masked-patch loss (DINOv2: 1.0)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a masked global crop's patches masked (DINOv2's)
+    mask_prob: float = 0.5  # share of the global crops masked (DINOv2's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +92,8 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "mask_ratio" in d:
+            d["mask_ratio"] = tuple(d["mask_ratio"])
         crops = d.pop("crops", {})
         crops = {k: tuple(v) if isinstance(v, list) else v for k, v in crops.items()}
         return cls(**d, crops=MultiCropConfig(**crops))
@@ -151,7 +161,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def build_models(cfg: PretrainConfig, channels: list[str]) -> tuple[DINOModel, DINOModel]:
     """Student and teacher with the same initial weights; the teacher has no stochastic depth."""
     vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
-                    normalize=cfg.normalize, drop_path=cfg.drop_path)
+                    normalize=cfg.normalize, drop_path=cfg.drop_path, mask_token=cfg.ibot > 0)
     torch.manual_seed(cfg.seed)
     head = dict(out_dim=cfg.out_dim, norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn_in_head)
     student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, **head))
@@ -189,6 +199,8 @@ class Trainer:
                                    series=cfg.series)
         channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view, on_error)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
+        if cfg.koleo and cfg.batch_size < 2:
+            raise ProtlocError("--koleo spreads the features of a process's batch apart: it needs --batch-size 2 or more")
         self.student, self.teacher = build_models(cfg, channels)
         # every image is checked against the model on its own (patch, channels); the loader only
         # decodes and scales to ~0..1, augment.py standardizes the crops
@@ -203,11 +215,17 @@ class Trainer:
         if init is not None and ckpt is None:
             # a foreign backbone's input channels are the data's (in order); a protloc one must match them
             backbone, _ = model_from_checkpoint(init, list(channels) if cfg.layout == "fused" else None)
-            load_weights(self.student.backbone, backbone.state_dict(), init)
+            # the mask token (iBOT) is this run's matter: kept from `init` if both have one, else this run's own or none
+            state = {k: v for k, v in backbone.state_dict().items() if k != "mask_token" or cfg.ibot}
+            if cfg.ibot:
+                state.setdefault("mask_token", self.student.backbone.mask_token.detach())
+            load_weights(self.student.backbone, state, init)
             self.teacher.load_state_dict(self.student.state_dict())
-        self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
-        for m in (self.student, self.teacher, self.loss_fn):
-            m.to(world.device)
+        self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering)
+        self.ibot_loss = iBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering) if cfg.ibot else None
+        for m in (self.student, self.teacher, self.loss_fn, self.ibot_loss):
+            if m is not None:
+                m.to(world.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.step = 0
         if ckpt is not None:  # on the device already: the optimizer state follows its parameters
@@ -215,6 +233,8 @@ class Trainer:
             self.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.loss_fn.center.copy_(ckpt["center"])
+            if self.ibot_loss is not None:
+                self.ibot_loss.center.copy_(ckpt["ibot_center"])
             self.step = ckpt["step"]
         self.last_saved = self.step if ckpt is not None else None
         self.stop_requested = False
@@ -264,15 +284,31 @@ class Trainer:
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
 
+        masks = None
+        if cfg.ibot:  # the same for the teacher (unmasked input) and the student (masked)
+            grid = crops[0].shape[-1] // cfg.patch
+            masks = sample_masks(crops[0].shape[0], grid, grid, cfg.mask_ratio, cfg.mask_prob, np.random.default_rng(seed))
+            masks = torch.from_numpy(masks).to(self.world.device)
+
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(sched.lr[step])
             if i == 0:  # only the first group is regularized
                 group["weight_decay"] = float(sched.weight_decay[step])
         student = self.ddp or self.student
+        temp = sched.teacher_temp[step]
         with self.autocast:
-            teacher_out = self.teacher(crops[:1], names, cfg.pack)
-            student_out = student(crops, names, cfg.pack)
-            loss, targets = self.loss_fn(student_out, teacher_out, n_crops, sched.teacher_temp[step])
+            teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
+            student_out = student(crops, names, cfg.pack, masks)
+            loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)
+            terms = {}  # DINOv2's terms added to DINO's loss, weighted
+            if cfg.koleo:  # per global crop, as DINOv2: never between the two crops of one image
+                terms["koleo"] = cfg.koleo * sum(koleo_loss(c) for c in student_out.cls.chunk(2))
+            if cfg.ibot:
+                terms["ibot"] = cfg.ibot * self.ibot_loss(student_out.patch_logits, teacher_out.patch_logits,
+                                                          student_out.patch_mask, temp)[0]
+            if terms:
+                terms = {"dino": loss, **terms}
+                loss = sum(terms.values())
         losses = all_gather_float(self.world, loss.item())
         if not all(math.isfinite(v) for v in losses):
             kept = f"; the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved else ""
@@ -294,7 +330,9 @@ class Trainer:
                 "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
                 "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
                 "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
-                "peak_memory_mb": peak_memory_mb(self.world.device)}
+                "peak_memory_mb": peak_memory_mb(self.world.device),
+                **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
+                   for name, term in terms.items()}}
 
     def save(self):
         sums = all_gather_float(self.world, replica_checksum(self.teacher))
@@ -304,6 +342,7 @@ class Trainer:
             save_checkpoint(self.output, self.teacher.backbone.config, self.teacher.backbone.state_dict(),
                             teacher=self.teacher.state_dict(), student=self.student.state_dict(),
                             optimizer=self.optimizer.state_dict(), center=self.loss_fn.center.cpu(),
+                            **({"ibot_center": self.ibot_loss.center.cpu()} if self.ibot_loss is not None else {}),
                             step=self.step, train=self.cfg.to_dict(), n_images=len(self.sources),
                             world_size=self.world.size, replica_checksums=sums)
         self.last_saved = self.step

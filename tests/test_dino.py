@@ -102,10 +102,10 @@ def test_packed_multicrop_equals_per_crop_size_forward_and_gradients(layout):
     model = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, out_dim=64, hidden_dim=32, bottleneck_dim=16))
     names = ["nucleus", "protein"]
     crops = [torch.randn(4, 2, 32, 32), torch.randn(8, 2, 16, 16)]  # 2 x 2 global, 4 x 2 local
-    packed = model(crops, names, pack=True)
+    packed = model(crops, names, pack=True).logits
     params = [p for p in model.parameters() if p.requires_grad]
     g_packed = torch.autograd.grad(packed.square().sum(), params, allow_unused=True)
-    separate = model(crops, names, pack=False)
+    separate = model(crops, names, pack=False).logits
     g_separate = torch.autograd.grad(separate.square().sum(), params, allow_unused=True)
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_packed, g_separate):
@@ -113,4 +113,4 @@ def test_packed_multicrop_equals_per_crop_size_forward_and_gradients(layout):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert packed.shape == (12, 64)
     # the order is the crops' order: the first 4 rows are the global crops
-    torch.testing.assert_close(packed[:4], model(crops[:1], names), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:4], model(crops[:1], names).logits, atol=1e-5, rtol=1e-5)

@@ -168,10 +168,12 @@ def wait_for_steps(proc, log_path, n, timeout=120):
     raise AssertionError(f"no step {n} within {timeout} s")
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(cells, tmp_path):
+@pytest.mark.parametrize("objective", [[], ["--koleo", "0.1", "--centering", "sinkhorn", "--ibot", "1"]],
+                         ids=["dino", "dinov2"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(cells, tmp_path, objective):
     """Killed at a random moment: the last checkpoint is whole, and resuming from it finishes the
-    run exactly as if nothing had happened."""
-    flags = ["--steps", "12", "--checkpoint-every", "3", "--seed", "3"]
+    run exactly as if nothing had happened (with DINOv2's KoLeo, Sinkhorn-Knopp and iBOT too)."""
+    flags = ["--steps", "12", "--checkpoint-every", "3", "--seed", "3", *objective]
     proc = start_pretrain(cells, tmp_path, "killed", *flags)
     wait_for_steps(proc, tmp_path / "killed.jsonl", 4)
     proc.kill()
