@@ -255,3 +255,26 @@ def test_recorded_statistics_are_checked(tmp_path):
         with_dataset_stats(ViewOptions(normalize="dataset"), {"channels": ["a"], "lo": [0.0]}, "model.pt", [])
     opts, estimated = with_dataset_stats(ViewOptions(normalize="image"), {"bogus": 1}, "model.pt", [])
     assert opts.dataset_stats is None and estimated is None  # other normalizations ignore them
+
+
+def test_resume_takes_the_statistics_from_the_checkpoint(cells, tmp_path):
+    ckpt, straight = tmp_path / "r.pt", tmp_path / "s.pt"
+    args = ["--steps", "2", "--normalize", "dataset", *PRETRAIN]
+    assert run("pretrain", cells, "-o", ckpt, *args, "--stop-at", "1").exit_code == 0
+    resumed = run("pretrain", cells, "-o", ckpt, "--resume", "--workers", "0")
+    assert resumed.exit_code == 0, resumed.output
+    assert "dataset normalization" not in resumed.stderr  # not estimated again
+    assert run("pretrain", cells, "-o", straight, *args).exit_code == 0
+    a, b = load_checkpoint(straight), load_checkpoint(ckpt)
+    assert a["config"]["dataset_stats"] == b["config"]["dataset_stats"] is not None
+    for name, tensor in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_attention_maps_of_a_dataset_normalized_checkpoint(cells, pretrained, tmp_path):
+    """plot attention reads images as embed does: with the checkpoint's statistics (none estimated)."""
+    ckpt, _ = pretrained
+    out = tmp_path / "a.png"
+    result = run("plot", "attention", sorted(cells.glob("*.tif"))[0], "--weights", ckpt, "-o", out)
+    assert result.exit_code == 0 and out.stat().st_size > 0, result.output
+    assert "dataset normalization" not in result.stderr
