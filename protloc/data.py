@@ -19,6 +19,7 @@ grouped into batches in input order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -350,17 +351,20 @@ def decoded(dataset: torch.utils.data.Dataset, workers: int, **kw):
     stuck reading a file."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return iter(torch.utils.data.DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, **kw))
+        init = functools.partial(_worker_init, os.getpid())  # this process's id: the workers' main
+        return iter(torch.utils.data.DataLoader(dataset, num_workers=workers, worker_init_fn=init, **kw))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _worker_init(_):
+def _worker_init(main_pid: int, _worker_id: int):
+    if os.getppid() != main_pid:  # the main process died before this worker started: nothing to watch
+        os._exit(0)
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked by decoded(); a pending one is dropped
     if hasattr(signal, "sigtimedwait"):  # Linux (elsewhere SIGTERM ends a worker, as torch has it)
-        threading.Thread(target=_watch_main, args=(os.getppid(),), daemon=True).start()
+        threading.Thread(target=_watch_main, args=(main_pid,), daemon=True).start()
     else:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
 

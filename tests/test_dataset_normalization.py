@@ -6,6 +6,10 @@ embed identically under `image` and differently under `dataset`."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -278,3 +282,51 @@ def test_attention_maps_of_a_dataset_normalized_checkpoint(cells, pretrained, tm
     result = run("plot", "attention", sorted(cells.glob("*.tif"))[0], "--weights", ckpt, "-o", out)
     assert result.exit_code == 0 and out.stat().st_size > 0, result.output
     assert "dataset normalization" not in result.stderr
+
+
+WORKERS_STARTING_LATE = r"""
+import os, signal, sys, time
+import torch
+import protloc.data
+real = protloc.data._worker_init
+def late(*args):  # a loaded machine: the workers start after the main process is gone
+    time.sleep(1.5)
+    real(*args)
+protloc.data._worker_init = late
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 100
+    def __getitem__(self, i):
+        time.sleep(0.1)
+        return i
+samples = protloc.data.decoded(Slow(), 2, batch_size=None)  # as estimate() and every loader starts workers
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_loader_workers_end_when_the_main_process_dies_before_they_start():
+    """A worker whose main process is gone before its init ran has no main to watch: it ends at once
+    (it used to wait for its parent, by then init's, forever)."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS_STARTING_LATE], start_new_session=True)
+    proc.wait()
+
+    def group():
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == proc.pid and fields[0] != "Z":
+                pids.append(int(pid))
+        return pids
+
+    deadline = time.monotonic() + 20
+    while group() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = group()
+    for pid in left:
+        os.kill(pid, 9)
+    assert not left, "loader workers outlived their main process"
