@@ -25,9 +25,10 @@ test-all: venv  # the slow tests too
 	$(PY) -m pytest -q -m "not gpu"
 
 # The study's story on synthetic cells: a random-init ViT, then the same ViT after a short DINO
-# pretraining (a CPU-sized recipe: vit_tiny/8 with 4 blocks, batch norm in the head, 64-px global crops, no local
-# crops, 600 steps), compared side by side by k-NN and by a linear head trained on the frozen embeddings
-# (`protloc finetune --freeze`, the study's frozen-backbone protocol): macro F1, 5 folds grouped by protein.
+# pretraining (`--recipe small`, protloc/recipes.py: vit_tiny/8 with 4 blocks, batch norm in the head, 64-px
+# global crops, no local crops; 600 steps; embed then views images at the recipe's 64 px), compared side by side
+# by k-NN and by a linear head trained on the frozen embeddings (`protloc finetune --freeze`, the study's
+# frozen-backbone protocol): macro F1, 5 folds grouped by protein.
 # 8 min 41 s on 2 cores shared with other jobs (OMP_NUM_THREADS=1 make demo; on a busy machine torch's second
 # thread waits for a busy core and the default 2 threads ran the pretraining 6x slower).
 TINY := --arch vit_tiny --patch 8 --depth 4
@@ -35,10 +36,9 @@ demo: venv
 	rm -rf $(DEMO)/cells
 	$(VENV)/bin/protloc synth $(DEMO)/cells --n 320 --size 96 --seed 0
 	$(VENV)/bin/protloc embed $(DEMO)/cells --weights random $(TINY) --size 64 -o $(DEMO)/random.npz --force
-	$(VENV)/bin/protloc pretrain $(DEMO)/cells -o $(DEMO)/dino.pt $(TINY) --out-dim 1024 --batch-size 32 \
-		--global-size 64 --local-crops 0 --lr 0.0016 --warmup-epochs 10 --warmup-teacher-temp-epochs 0 \
-		--momentum-teacher 0.99 --freeze-last-layer 0 --use-bn-in-head --steps 600 --log $(DEMO)/train.jsonl --force
-	$(VENV)/bin/protloc embed $(DEMO)/cells --weights $(DEMO)/dino.pt --size 64 -o $(DEMO)/dino.npz --force
+	$(VENV)/bin/protloc pretrain $(DEMO)/cells -o $(DEMO)/dino.pt --recipe small --steps 600 \
+		--log $(DEMO)/train.jsonl --force
+	$(VENV)/bin/protloc embed $(DEMO)/cells --weights $(DEMO)/dino.pt -o $(DEMO)/dino.npz --force
 	@echo "== k-NN macro F1: $(DEMO)/random.npz (random init) | $(DEMO)/dino.npz (DINO, 600 steps)"
 	@$(VENV)/bin/protloc knn $(DEMO)/random.npz $(DEMO)/dino.npz --labels $(DEMO)/cells/labels.csv -k 5,10,20 -q
 	@echo "== frozen linear head macro F1 (protloc finetune --freeze)"

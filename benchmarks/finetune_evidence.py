@@ -73,7 +73,7 @@ def evaluate(name, backbone, sources, rows, matched, args):
     out["frozen"] = scores(runs)
     t1 = time.perf_counter()
     cfg = FinetuneConfig(freeze=False, epochs=args.ft_epochs, batch_size=32, size=SIZE)
-    full = FullTask(backbone, sources, rows, cfg, ViewOptions(size=SIZE), workers=args.workers)
+    full = FullTask(backbone, sources, rows, cfg, view, workers=args.workers)
     runs, _ = cross_validate(full, rows.y, False, plan(rows.y, None, False, args.folds, args.ft_seeds,
                                                        val_fraction=0.1))
     out["full"] = scores(runs)

@@ -11,9 +11,10 @@ from tqdm import tqdm
 from protloc import __version__, distributed
 from protloc.cells import image_sources
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
-                                 device_option, show_progress, view_options)
+                                 dataset_normalization, device_option, show_progress, view_options)
 from protloc.data import ViewOptions
-from protloc.embed import EmbedStats, embed, load_backbone
+from protloc.dataset_stats import recorded
+from protloc.embed import EmbedStats, embed, load_backbone, view_settings
 from protloc.errors import ProtlocError
 from protloc.embeddings import RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
@@ -72,15 +73,18 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     if cells:
         sources = image_sources(sources, cells)
     cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
-    opts = ViewOptions(size=size, tile=tile, stride=stride, cells=cells, cell_size=cell_size or 128,
-                       mask_outside=bool(mask_outside), border=border or "skip", normalize=normalize or "image",
+    opts = ViewOptions(tile=tile, stride=stride, cells=cells, cell_size=cell_size or 128,
+                       mask_outside=bool(mask_outside), border=border or "skip",
                        channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                        channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed, model_channels=model_channels, on_error=on_error)
-    opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
+    size, normalize, pool = view_settings(model.config, size, normalize, pool)
     world = distributed.init(device)  # under torchrun: this rank embeds its contiguous share
     try:
+        opts = dataset_normalization(dataclasses.replace(opts, size=size, normalize=normalize),
+                                     model.config.dataset_stats, weights, sources, workers, on_error,
+                                     quiet or not world.is_main)
         writer, stats, ids, elapsed = _embed_share(ctx, world, model, sources, opts, output, pool, batch_size,
                                                    workers, on_error, aggregate)
     finally:
@@ -94,6 +98,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
             click.echo(f"protloc: channels ({opts.channel_strategy}): {plan}", err=True)
 
     meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": opts.normalize,
+            "dataset_stats": recorded(opts.dataset_stats),
             "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
             "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped],
             "tile": tile, "stride": stride or tile, "aggregate": aggregate,

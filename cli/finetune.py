@@ -13,14 +13,15 @@ from tqdm import tqdm
 from protloc import __version__
 from protloc.cells import image_sources
 from protloc.classifier import VIEW_KEYS, backbone_reference, save_classifier
-from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options, device_option,
-                                 show_progress, view_options)
+from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
+                                 dataset_normalization, device_option, show_progress, view_options)
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
 from protloc.crossval import cross_validate, final_split, format_table, plan, summarize
 from protloc.data import ViewOptions
+from protloc.dataset_stats import recorded
 from protloc.device import resolve_device
-from protloc.embed import load_backbone
+from protloc.embed import load_backbone, view_settings
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
 from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
@@ -143,7 +144,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     if output is None and folds == 0:
         raise click.UsageError("nothing to do: give -o MODEL, --folds 2 or more, or both")
     check_views(tile, stride, aggregate, cells, cell_size, mask_outside, border)
-    if from_embeddings and (weights or tile or cells or size or normalize):
+    if from_embeddings and (weights or tile or cells or size is not None or normalize):
         raise click.UsageError("--weights, --size, --normalize, --tile and --cells go with images; an EMB file is "
                                "embedded already")
     if not from_embeddings and weights is None:
@@ -155,12 +156,13 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         raise click.UsageError("--channel-strategy per-channel goes with --freeze (it embeds each channel on its own)")
     if not freeze and (tile or cells):
         raise click.UsageError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
+    if not freeze and size == 0:
+        raise click.UsageError("--size 0 (native size) goes with --freeze (fine-tuning trains on crops of one size)")
     val_fraction = (0.0 if freeze else 0.1) if val_fraction is None else val_fraction
     cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
     cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30), patience=patience,
                          lr=lr, weight_decay=weight_decay, batch_size=batch_size or (256 if freeze else 32),
-                         balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay,
-                         size=size or 224, pool=pool)
+                         balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay)
     for path in (output, json_path):
         if path:
             check_destination(path, force)
@@ -177,6 +179,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         matched = match_rows(emb.ids, labels, base_dir=emb.meta.get("cwd"),
                              channel_suffixes=channel_suffixes or emb.meta.get("channel_suffixes"))
         rows = labelled_rows(matched)
+        cfg = dataclasses.replace(cfg, pool=emb.meta.get("pool") or cfg.pool)  # for the record
         task = FrozenTask(emb.x[matched.rows], rows, cfg, device)
         views, backbone_ref = {k: emb.meta.get(k) for k in VIEW_KEYS}, backbone_reference(emb.meta)
         what = f"head on {emb.x.shape[1]}-d embeddings from {emb.source}"
@@ -189,14 +192,16 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         image_ids = [s.id for s in sources]
         matched = match_rows(image_ids, images_of(labels) if freeze else labels, channel_suffixes=channel_suffixes)
         sources = [sources[r] for r in matched.rows]
-        opts = ViewOptions(size=size if freeze else cfg.size, tile=tile, stride=stride, cells=cells,
+        opts = ViewOptions(tile=tile, stride=stride, cells=cells,
                            cell_size=cell_size or 128, mask_outside=bool(mask_outside), border=border or "skip",
-                           normalize=normalize or "image",
                            channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
                            channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
         model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
                                     seed=seed, model_channels=model_channels, on_error=on_error)
-        opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
+        size, normalize, pool = view_settings(model.config, size, normalize, pool)
+        cfg = dataclasses.replace(cfg, size=size or cfg.size, pool=pool)  # fine-tuning: 224 unless given or recorded
+        opts = dataset_normalization(dataclasses.replace(opts, size=size if freeze else cfg.size, normalize=normalize),
+                                     model.config.dataset_stats, weights, sources, workers, on_error, quiet)
         if freeze:
             with tqdm(total=len(sources), unit="img", desc="embedding", disable=not show_progress(ctx),
                       file=sys.stderr) as bar:
@@ -216,7 +221,8 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             rows = rows_of(labelled_rows(matched), [s.id for s in sources])
             task = FullTask(model, sources, rows, cfg, opts, device, workers)
             what = f"fine-tuning {meta['weights']} ({model.config.arch}/{model.config.patch}) at {cfg.size} px"
-        views = {"size": opts.size, "normalize": opts.normalize, "pool": pool, "tile": tile, "stride": stride or tile,
+        views = {"size": opts.size, "normalize": opts.normalize, "dataset_stats": recorded(opts.dataset_stats),
+                 "pool": pool, "tile": tile, "stride": stride or tile,
                  "aggregate": aggregate, "channels": list(channels) if channels else None,
                  "channel_suffixes": channel_suffixes, "z": z, "cells": cells, "cell_size": cell_size,
                  "mask_outside": mask_outside, "border": border,

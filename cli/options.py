@@ -10,6 +10,7 @@ from protloc.channel_map import STRATEGIES, parse_fill
 from protloc.cells import BORDERS
 from protloc.channels import parse_names
 from protloc.data import NORMALIZATIONS
+from protloc.dataset_stats import with_dataset_stats
 from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
 from protloc.model import ARCHS, LAYOUTS
@@ -110,7 +111,8 @@ def data_options(f):
 
 def view_options(inherit: str | None = None, size_help: str = "native size (images of one size batch together)"):
     """--size, --normalize, --pool, --tile, --stride, --aggregate: how each image becomes model
-    inputs. With `inherit` (e.g. "the MODEL"), every default is the value recorded there."""
+    inputs. With `inherit` (e.g. "the MODEL"), every default is the value recorded there; without,
+    size, normalize and pool default to those the model records (protloc.embed.view_settings)."""
     def default(own, text):
         return (None, f"Default: as recorded in {inherit}.") if inherit else (own, text)
 
@@ -126,17 +128,23 @@ def view_options(inherit: str | None = None, size_help: str = "native size (imag
                          help="Cut each image into T x T tiles (rows path#tile=K, row by row; a last row/column "
                               "flush with the border covers the rest); --size then resizes each tile. "
                               + ("0: whole images. " if inherit else "") + text)(f)
-        value, text = default("cls", "")
-        f = click.option("--pool", type=click.Choice(POOLINGS), default=value,
-                         help="The CLS token, or the mean of the patch tokens. " + text)(f)
+        recorded = (f"as recorded in {inherit}." if inherit else
+                    "the model's (pretrain --embed-pool, recorded in its checkpoint); cls for a random or foreign one.")
+        f = click.option("--pool", type=click.Choice(POOLINGS), default=None,
+                         help="The CLS token, or the mean of the patch tokens. Default: " + recorded)(f)
+        recorded = (f"as recorded in {inherit}." if inherit else
+                    "the model's (recorded in its checkpoint); image for a random backbone.")
         f = click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
                          help="image: per-image per-channel mean 0 / std 1 (DINO4Cells); percentile: 1-99.8% to 0-1; "
-                              "imagenet: percentile then ImageNet mean/std; none: raw values. Default: "
-                              + (f"as recorded in {inherit}." if inherit else
-                                 "the model's (recorded in its checkpoint; image for a random backbone)."))(f)
-        value, text = default(None, f"Default: {size_help}.")
-        return click.option("--size", type=click.IntRange(min=8), default=value,
-                            help="Resize each image (each tile with --tile) to SIZE x SIZE. " + text)(f)
+                              "dataset: the data set's 1-99.8% per channel to 0-1, the same for every image (keeps "
+                              "brightness differences between images; the statistics recorded with the model, else "
+                              "estimated over these images from up to 256 of them, reported on stderr); imagenet: "
+                              "percentile then ImageNet mean/std; none: raw values. Default: " + recorded)(f)
+        recorded = (f"as recorded in {inherit}." if inherit else
+                    f"the model's (pretrain --embed-size, recorded in its checkpoint), else {size_help}.")
+        return click.option("--size", type=click.IntRange(min=0), default=None,
+                            help="Resize each image (each tile with --tile) to SIZE x SIZE; 0: native size. Default: "
+                                 + recorded)(f)
     return decorate
 
 
@@ -186,6 +194,17 @@ def cell_options(inherit: str | None = None):
     return decorate
 
 
+def dataset_normalization(opts, recorded: dict | None, where: str, sources, workers: int, on_error: str,
+                          quiet: bool):
+    """`opts` with the data set's statistics for normalize "dataset" (protloc.dataset_stats:
+    those `recorded` in `where`, else estimated over `sources` and reported on stderr in one line
+    unless `quiet`)."""
+    opts, estimated = with_dataset_stats(opts, recorded, where, sources, workers, on_error)
+    if estimated is not None and not quiet:
+        click.echo(f"protloc: {estimated.describe()}", err=True)
+    return opts
+
+
 def check_views(tile, stride, aggregate, cells=None, cell_size=None, mask_outside=None, border=None) -> None:
     """Tiles and cells are two kinds of views: one at a time, each with its own flags."""
     if tile and cells:
@@ -198,17 +217,27 @@ def check_views(tile, stride, aggregate, cells=None, cell_size=None, mask_outsid
         raise click.UsageError("--cell-size, --mask-outside/--keep-outside and --border go with --cells")
 
 
-def architecture_options(of: str):
-    """--arch, --patch, --layout, --depth of a new backbone; `of` names it in the help."""
+def architecture_options(of: str, recipe_default=None):
+    """--arch, --patch, --layout, --depth of a new backbone; `of` names it in the help. With
+    `recipe_default` (a setting's name -> help text), a flag left out takes a recipe's value
+    (its click default is None)."""
+    def default(name, own, text):
+        return (None, recipe_default(name)) if recipe_default else (own, text)
+
     def decorate(f):
-        f = click.option("--depth", type=click.IntRange(min=1), default=12,
-                         help=f"Transformer blocks of {of} (DINO's ViTs have 12).")(f)
-        f = click.option("--layout", type=click.Choice(LAYOUTS), default="fused",
+        value, text = default("depth", 12, " DINO's ViTs have 12.")
+        f = click.option("--depth", type=click.IntRange(min=1), default=value,
+                         help=f"Transformer blocks of {of}.{text}")(f)
+        value, text = default("layout", "fused", "")
+        f = click.option("--layout", type=click.Choice(LAYOUTS), default=value,
                          help=f"Token layout of {of}: one token per patch from all channels (fused), "
-                              "or one per channel and patch (channel).")(f)
-        f = click.option("--patch", type=click.Choice(["8", "16"]), default="16", help=f"Patch size of {of}.")(f)
-        return click.option("--arch", type=click.Choice(list(ARCHS)), default="vit_small",
-                            help=f"Architecture of {of}.")(f)
+                              f"or one per channel and patch (channel).{text}")(f)
+        value, text = default("patch", "16", "")
+        f = click.option("--patch", type=click.Choice(["8", "16"]), default=value,
+                         help=f"Patch size of {of}.{text}")(f)
+        value, text = default("arch", "vit_small", "")
+        return click.option("--arch", type=click.Choice(list(ARCHS)), default=value,
+                            help=f"Architecture of {of}.{text}")(f)
     return decorate
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from protloc import plot_data, plots
-from protloc.cli.options import architecture_options, channel_options, common, device_option
+from protloc.cli.options import architecture_options, channel_options, common, dataset_normalization, device_option
 from protloc.channels import parse_names
 from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.embeddings import read_embeddings
@@ -137,10 +137,11 @@ def embedding_command(emb, labels_path, ids_path, id_column, label_column, metho
 @channel_options()
 @click.option("--channels", callback=_channel_names, metavar="NAMES",
               help="Comma-separated channel names in file order, or a selection of named channels. Default: as stored.")
-@click.option("--size", type=click.IntRange(min=8), default=None,
-              help="Resize each image to SIZE x SIZE first (as embed --size). Default: native size.")
+@click.option("--size", type=click.IntRange(min=0), default=None,
+              help="Resize each image to SIZE x SIZE first (as embed --size; 0: native size). Default: the model's "
+                   "(recorded in its checkpoint), else native size.")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=None,
-              help="How images are normalized for the model. Default: the model's.")
+              help="How images are normalized for the model (as embed --normalize). Default: the model's.")
 @click.option("--seed", type=int, default=0, help="Seed of a random backbone and of --channel-strategy random.")
 @device_option
 @_output_options
@@ -153,7 +154,7 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     IMAGE: TIFF files, directories or - (paths on stdin); at most 16 images, one row each."""
     from protloc.attention_maps import attention_maps
     from protloc.device import resolve_device
-    from protloc.embed import load_backbone
+    from protloc.embed import load_backbone, view_settings
     from protloc.sources import discover
 
     fmt = _prepare(output, force)
@@ -161,11 +162,13 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     if len(sources) > MAX_IMAGES:
         raise ProtlocError(f"{images[0]}: {len(sources)} images; an attention figure takes at most "
                            f"{MAX_IMAGES} (one row each)")
-    opts = ViewOptions(size=size, channels=tuple(channels) if channels else None, channel_strategy=channel_strategy,
+    opts = ViewOptions(channels=tuple(channels) if channels else None, channel_strategy=channel_strategy,
                        fill=fill, strategy_seed=seed)
     model, _ = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
                              seed=seed, model_channels=model_channels)
-    opts = dataclasses.replace(opts, normalize=normalize or model.config.normalize)
+    size, normalize, _ = view_settings(model.config, size, normalize)
+    opts = dataset_normalization(dataclasses.replace(opts, size=size, normalize=normalize), model.config.dataset_stats,
+                                 weights, sources, 0, "fail", quiet)
     maps = attention_maps(model, sources, opts, resolve_device(device))
     c = model.config
     name = "random init" if weights == "random" else os.path.basename(weights)

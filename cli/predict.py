@@ -15,8 +15,8 @@ from tqdm import tqdm
 from protloc.cells import image_sources
 from protloc.checkpoint import file_sha256
 from protloc.classifier import load_classifier, resolve_backbone, tsv_header, tsv_rows
-from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options, device_option, show_progress,
-                                 view_options)
+from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options, dataset_normalization,
+                                 device_option, show_progress, view_options)
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed
@@ -50,6 +50,8 @@ def _views(ctx, model_views: dict, **given) -> dict:
             views[key] = value
     if views.get("tile") == 0:
         views.update(tile=None, stride=None, aggregate=None)
+    if views.get("size") == 0:
+        views.update(size=None)  # native size
     return views
 
 
@@ -152,11 +154,13 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
                        channels=tuple(views["channels"]) if views["channels"] else None, z=views["z"] or "max",
                        axes=axes, series=series, max_pixels=max_pixels, channel_strategy=strategy["strategy"], fill=strategy["fill"],
                        strategy_seed=strategy["seed"])
+    opts = dataset_normalization(opts, views.get("dataset_stats") or model.config.dataset_stats, weights, sources,
+                                 workers, on_error, quiet)
     stats, rows = EmbedStats(), 0
     with _open_output(output) as out, tqdm(total=len(sources), unit="img", disable=not show_progress(ctx),
                                             file=sys.stderr) as bar:
         out.write(tsv_header(clf.classes))
-        for ids, vectors in embed(model, sources, opts, pool=views["pool"] or "cls", batch_size=batch_size,
+        for ids, vectors in embed(model, sources, opts, pool=views["pool"] or model.config.pool, batch_size=batch_size,
                                   device=resolve_device(device), workers=workers, on_error=on_error, stats=stats,
                                   progress=bar.update, aggregate=views["aggregate"]):
             probs = clf.probabilities(vectors)

@@ -10,6 +10,8 @@ rotations (a cell has no "up"). Per crop, in this order:
 
 Normalization "image" standardizes each crop with the statistics of its whole image, as
 `protloc embed` standardizes whole images, so pretraining and embedding see one distribution.
+"percentile" and "dataset" images arrive normalized (by the loader: `loader_normalization`) and
+their crops are left as they are, so a dim image stays dim.
 (Per-crop statistics would erase what differs between crops, such as a crop of a bright cell
 vs one of background, and leave a random-init network with nearly identical outputs for every
 crop: DINO then sits in the uniform-output equilibrium and learns nothing.)
@@ -29,7 +31,14 @@ import torch
 import torch.nn.functional as F
 
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the crop boxes, as torchvision's RandomResizedCrop
-NORMALIZE = ("image", "percentile")
+NORMALIZE = ("image", "percentile", "dataset")
+
+
+def loader_normalization(normalize: str) -> str:
+    """How the loader normalizes images before multi_crop, for crops normalized `normalize`:
+    "image" crops are standardized here (with their whole image's statistics), so the loader
+    only brings pixels to ~0..1 for the intensity jitter; the others arrive as they stay."""
+    return "percentile" if normalize == "image" else normalize
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class MultiCropConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # DINO's, in pixels of a 224-px crop: scaled to the crop size
     noise: float = 0.05  # prob 0.5 per crop: + N(0, 1) * U(0, noise) * (crop channel std)
     channel_dropout: float = 0.0  # per crop and channel; never the protein channel, never all channels
-    normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile": leave as is
+    normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile", "dataset": leave as is
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE:

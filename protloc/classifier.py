@@ -4,7 +4,8 @@ A MODEL is a protloc checkpoint (protloc.checkpoint: plain tensors and data only
 `torch.load(weights_only=True)`, written atomically):
 
     config, model      the backbone (ViTConfig, state dict), as in a pretraining checkpoint, so
-                       `protloc embed --weights MODEL` embeds with it. Present when the
+                       `protloc embed --weights MODEL` embeds with it (its view settings: the
+                       views' size, normalize, dataset_stats and pool). Present when the
                        classifier was trained from images (fine-tuned, or frozen).
     classifier
       head             the head's state dict (feature standardization mean/std included)
@@ -12,7 +13,7 @@ A MODEL is a protloc checkpoint (protloc.checkpoint: plain tensors and data only
       dim              the embedding width the head takes
       classes          class names, in output order
       multilabel       a sigmoid per class (predicted at >= 0.5) instead of a softmax
-      views            how images become model inputs (size, normalize, pool, tile, stride,
+      views            how images become model inputs (size, normalize, dataset_stats, pool, tile, stride,
                        aggregate, channels, channel_suffixes, z, and for single cells the masks
                        it was trained with, cell_size, mask_outside, border): predict's defaults
                        (the masks excepted)
@@ -49,7 +50,7 @@ from protloc.output import atomic_path
 
 log = logging.getLogger(__name__)
 
-VIEW_KEYS = ("size", "normalize", "pool", "tile", "stride", "aggregate", "channels", "channel_suffixes", "z",
+VIEW_KEYS = ("size", "normalize", "dataset_stats", "pool", "tile", "stride", "aggregate", "channels", "channel_suffixes", "z",
              "cells", "cell_size", "mask_outside", "border", "channel_strategy")
 
 
@@ -67,7 +68,7 @@ def save_classifier(path, head: Head, *, classes: list[str], multilabel: bool, v
                     finetune: dict, trained_on: dict, cv: dict | None = None,
                     backbone: VisionTransformer | None = None) -> None:
     """Write MODEL atomically; with `backbone`, its weights go in as the checkpoint's model, its
-    config recording the normalization the head was trained with (so embed uses it too)."""
+    config recording the view the head was trained with (so embed views images the same way)."""
     payload = {"head": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "head_kind": head.kind,
                "dim": int(head.mean.numel()), "classes": list(classes), "multilabel": bool(multilabel),
                "views": {k: views.get(k) for k in VIEW_KEYS},
@@ -75,7 +76,9 @@ def save_classifier(path, head: Head, *, classes: list[str], multilabel: bool, v
                             "fine_tuned": not finetune.get("freeze", True)},
                "finetune": finetune, "trained_on": trained_on, "cv": cv}
     if backbone is not None:
-        config = dataclasses.replace(backbone.config, normalize=views.get("normalize") or backbone.config.normalize)
+        config = dataclasses.replace(backbone.config, normalize=views.get("normalize") or backbone.config.normalize,
+                                     dataset_stats=views.get("dataset_stats"), view_size=views.get("size"),
+                                     pool=views.get("pool") or backbone.config.pool)
         save_checkpoint(path, config, backbone.state_dict(), classifier=payload)
         return
     with atomic_path(path) as tmp:

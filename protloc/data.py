@@ -10,19 +10,22 @@ What the model requires of a view (its patch size, its channels: `model_view`) i
 per image, so an error names the image and `--on-error skip` leaves out that image only.
 
 Normalization is expressed as a per-(image, channel) affine map `x * scale + shift`, computed
-on the full-resolution image and applied by the patch-embedding kernel, so raw uint8/uint16
-pixels can travel to the GPU as they are. Items of the same shape and channel names are then
+on the full-resolution image (or, for `dataset`, taken from the data set's statistics:
+protloc.dataset_stats) and applied by the patch-embedding kernel, so raw uint8/uint16 pixels can
+travel to the GPU as they are. Items of the same shape and channel names are then
 grouped into batches in input order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,12 +39,22 @@ from protloc.sources import Source, read_source
 from protloc.tiff import DEFAULT_MAX_PIXELS
 from protloc.tiles import tile_id, tile_origins
 
+if TYPE_CHECKING:
+    from protloc.dataset_stats import DatasetStats
+
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("image", "percentile", "imagenet", "none")
+NORMALIZATIONS = ("image", "percentile", "dataset", "imagenet", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PERCENTILES = (1.0, 99.8)  # the usual microscopy contrast range (as in CSBDeep's normalize)
+
+
+def unit_range(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift), float64 (C,), mapping lo..hi to 0..1 as `x * scale + shift` (not clipped);
+    a flat channel (hi == lo) gets a bounded scale instead of a blow-up."""
+    scale = 1.0 / np.maximum(hi - lo, 1e-6 * np.maximum(np.abs(hi), 1.0))
+    return scale, -lo * scale
 
 
 def normalization(pixels: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +65,7 @@ def normalization(pixels: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarr
     imagenet:   the percentile range to 0..1, then ImageNet's mean/std (RGB values for 3 channels,
                 their averages otherwise), for models pretrained on natural images
     none:       pixels as stored, as float
+    (dataset takes the data set's statistics instead: DatasetStats.scale_shift.)
     """
     C = pixels.shape[0]
     flat = pixels.reshape(C, -1).astype(np.float64)
@@ -62,9 +76,7 @@ def normalization(pixels: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarr
         scale = 1.0 / np.maximum(std, 1e-6 * np.maximum(np.abs(mean), 1.0))  # flat channel: no blow-up
         return scale.astype(np.float32), (-mean * scale).astype(np.float32)
     if method in ("percentile", "imagenet"):
-        lo, hi = np.percentile(flat, PERCENTILES, axis=1)
-        scale = 1.0 / np.maximum(hi - lo, 1e-6 * np.maximum(np.abs(hi), 1.0))
-        shift = -lo * scale
+        scale, shift = unit_range(*np.percentile(flat, PERCENTILES, axis=1))
         if method == "imagenet":
             mean = np.array(IMAGENET_MEAN if C == 3 else [np.mean(IMAGENET_MEAN)] * C)
             std = np.array(IMAGENET_STD if C == 3 else [np.mean(IMAGENET_STD)] * C)
@@ -92,7 +104,8 @@ class ViewOptions:
     cell_size: int = 128  # the square crop around each cell's centroid
     mask_outside: bool = False  # zero the crop's pixels that are not of the cell
     border: str = "skip"  # a cell cut by the image border: skip it, or pad its crop (cells.BORDERS)
-    normalize: str = "image"
+    normalize: str = "image"  # NORMALIZATIONS
+    dataset_stats: DatasetStats | None = None  # normalize "dataset": the data set's per-channel statistics
     channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
     z: str = "max"
     axes: str | None = None
@@ -176,7 +189,12 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
         pixels = image.pixels[keep]
         if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
             raise ProtlocError(f"{source.id}: contains NaN or infinite pixel values")
-        scale, shift = normalization(pixels, opts.normalize)
+        if opts.normalize == "dataset":
+            if opts.dataset_stats is None:
+                raise ValueError("normalize 'dataset' needs the data set's statistics (protloc.dataset_stats)")
+            scale, shift = opts.dataset_stats.scale_shift(names, source.id)
+        else:
+            scale, shift = normalization(pixels, opts.normalize)
         channel_map = None
         if opts.model_channels is not None:  # a fused-layout model: fill its input slots
             plan = plan_channels(opts.channel_strategy, tuple(names), opts.model_channels, opts.fill,
@@ -333,17 +351,20 @@ def decoded(dataset: torch.utils.data.Dataset, workers: int, **kw):
     stuck reading a file."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return iter(torch.utils.data.DataLoader(dataset, num_workers=workers, worker_init_fn=_worker_init, **kw))
+        init = functools.partial(_worker_init, os.getpid())  # this process's id: the workers' main
+        return iter(torch.utils.data.DataLoader(dataset, num_workers=workers, worker_init_fn=init, **kw))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
-def _worker_init(_):
+def _worker_init(main_pid: int, _worker_id: int):
+    if os.getppid() != main_pid:  # the main process died before this worker started: nothing to watch
+        os._exit(0)
     torch.set_num_threads(1)  # decoding workers must not fight the model for cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked by decoded(); a pending one is dropped
     if hasattr(signal, "sigtimedwait"):  # Linux (elsewhere SIGTERM ends a worker, as torch has it)
-        threading.Thread(target=_watch_main, args=(os.getppid(),), daemon=True).start()
+        threading.Thread(target=_watch_main, args=(main_pid,), daemon=True).start()
     else:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
 
@@ -361,6 +382,7 @@ def _watch_main(main_pid: int) -> None:
 def probe_channels(sources: list[Source], opts: ViewOptions, on_error: str = "fail") -> list[str]:
     """The channel names of the first usable image: what a new model is built for. A bad image
     fails, or with on_error="skip" the next one is tried (the run reports the bad one when it meets it)."""
+    opts = dataclasses.replace(opts, normalize="none", dataset_stats=None)  # names need no normalization
     first_error = None
     for index, source in enumerate(sources):
         item = load_item(index, source, opts)

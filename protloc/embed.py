@@ -61,6 +61,14 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
     return model, meta
 
 
+def view_settings(config: ViTConfig, size: int | None = None, normalize: str | None = None,
+                  pool: str | None = None) -> tuple[int | None, str, str]:
+    """(size, normalize, pool) to embed with: each one given (not None), else the one the model
+    records (`config`: its pretraining recipe's, or a MODEL's views). Size 0 or None: native size."""
+    size = config.view_size if size is None else size
+    return size or None, normalize or config.normalize, pool or config.pool
+
+
 def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, pool="cls", batch_size=32,
           device="cpu", workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None,
           aggregate: str | None = None):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protloc.augment import MultiCropConfig, multi_crop
+from protloc.augment import NORMALIZE, MultiCropConfig, loader_normalization, multi_crop
 from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view, probe_channels, usable
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
@@ -56,8 +56,8 @@ class FinetuneConfig:
     balance: str = "weight"
     backbone_lr_scale: float = 0.1
     layer_decay: float = 1.0  # 1: every backbone layer at the same learning rate
-    size: int = 224  # full fine-tuning: the view size of training crops and evaluation
-    pool: str = "cls"
+    size: int = 224  # full fine-tuning: the view size of training crops and evaluation (unless the checkpoint records one)
+    pool: str = "cls"  # unless the checkpoint records another
     clip_grad: float = 3.0  # full fine-tuning: global gradient norm clip
 
     def to_dict(self) -> dict:
@@ -233,11 +233,12 @@ class FullTask:
 
     def __init__(self, backbone: VisionTransformer, sources: list[Source], rows: LabelledRows, cfg: FinetuneConfig,
                  view: ViewOptions, device="cpu", workers: int = 2):
-        """`sources`: those `readable` kept."""
-        normalize = backbone.config.normalize
-        if normalize not in ("image", "percentile"):
-            raise ProtlocError(f"full fine-tuning augments images normalized 'image' or 'percentile'; this backbone "
-                               f"uses '{normalize}' (use --freeze)")
+        """`sources`: those `readable` kept; `view`: how images are read, its normalization (with
+        the data set's statistics for "dataset") that of the crops and evaluation views."""
+        normalize = view.normalize
+        if normalize not in NORMALIZE:
+            raise ProtlocError(f"full fine-tuning augments images normalized {', '.join(NORMALIZE)}; this run asks "
+                               f"for '{normalize}' (use --freeze, or --normalize)")
         if view.tile is not None or view.cells is not None:
             raise ProtlocError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
         self.start, self.sources, self.rows, self.cfg = backbone, sources, rows, cfg
@@ -245,9 +246,10 @@ class FullTask:
         # on_step(loss, images) after every optimizer step: for progress, and a place to stop (what
         # it raises ends the fit there)
         self.on_step = None
-        # as in pretraining: the loader scales to ~0..1, augment.py standardizes each crop
-        self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"), normalize="percentile")
-        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size, normalize=normalize), backbone.config)
+        # as in pretraining: the loader normalizes (image: scales to ~0..1, augment.py standardizes each crop)
+        self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"),
+                                              normalize=loader_normalization(normalize))
+        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size), backbone.config)
         self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
         self.t = targets(rows.y, rows.multilabel)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"

@@ -45,7 +45,13 @@ class ViTConfig:
     layout: str = "fused"
     channels: list[str] = field(default_factory=lambda: ["nucleus", "protein"])  # fused: input channels in order
     vocab: list[str] = field(default_factory=lambda: list(VOCABULARY))  # channel layout: names with an embedding
-    normalize: str = "image"  # how images are normalized for this model (protloc.data.NORMALIZATIONS)
+    # how embed, finetune and predict view images for this model unless told otherwise (the
+    # pretraining recipe's, or a MODEL's views): normalization (protloc.data.NORMALIZATIONS), the
+    # data set's statistics for "dataset" (protloc.dataset_stats), view size (None: native), pooling
+    normalize: str = "image"
+    dataset_stats: dict | None = None
+    view_size: int | None = None
+    pool: str = "cls"
     img_size: int = 224  # the positional grid is stored at img_size // patch and interpolated to any other
     depth: int = 12
     drop_path: float = 0.0

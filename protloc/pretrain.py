@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import MultiCropConfig, multi_crop
+from protloc.augment import MultiCropConfig, loader_normalization, multi_crop
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from protloc.data import ImageDataset, ViewOptions, decoded, model_view, probe_channels, usable
+from protloc.dataset_stats import DatasetStats, recorded, with_dataset_stats
 from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
@@ -44,8 +45,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a run, how the images are read included; stored in its checkpoints
-    (a resumed run keeps it)."""
+    """Everything that defines a run, how the images are read and how embed views them included;
+    stored in its checkpoints (a resumed run keeps it). The defaults are the DINO reference's
+    (Caron et al. 2021, main_dino.py, for ViTs): the `dino` recipe (protloc.recipes)."""
+    recipe: str = "dino"  # the recipe the settings started from (protloc.recipes)
     arch: str = "vit_small"
     patch: int = 16
     layout: str = "fused"
@@ -55,7 +58,9 @@ class PretrainConfig:
     z: str = "max"  # z projection (protloc.tiff)
     axes: str | None = None  # axes of every file; None: from metadata or shape
     series: int | None = None  # the series of files that hold several (protloc.tiff); None: the first full one
-    normalize: str = "image"
+    normalize: str = "image"  # of the crops (augment.NORMALIZE), and embed's default
+    embed_size: int | None = None  # the view size embed, finetune and predict use with the checkpoint; None: native
+    embed_pool: str = "cls"  # the pooling they use (protloc.embed.POOLINGS)
     drop_path: float = 0.1
     out_dim: int = 65536
     norm_last_layer: bool = True
@@ -85,6 +90,10 @@ class PretrainConfig:
     ibot: float = 0.0  # weight of iBOT's masked-patch loss (DINOv2: 1.0)
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a masked global crop's patches masked (DINOv2's)
     mask_prob: float = 0.5  # share of the global crops masked (DINOv2's)
+
+    def __post_init__(self):  # the crops are normalized as the run's images: one setting
+        if self.crops.normalize != self.normalize:
+            self.crops = dataclasses.replace(self.crops, normalize=self.normalize)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,10 +167,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def build_models(cfg: PretrainConfig, channels: list[str]) -> tuple[DINOModel, DINOModel]:
-    """Student and teacher with the same initial weights; the teacher has no stochastic depth."""
+def build_models(cfg: PretrainConfig, channels: list[str],
+                 dataset_stats: DatasetStats | None = None) -> tuple[DINOModel, DINOModel]:
+    """Student and teacher with the same initial weights; the teacher has no stochastic depth.
+    Their config records how embed is to view images (normalization, its statistics, size, pooling)."""
     vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
-                    normalize=cfg.normalize, drop_path=cfg.drop_path, mask_token=cfg.ibot > 0)
+                    normalize=cfg.normalize, dataset_stats=recorded(dataset_stats),
+                    view_size=cfg.embed_size, pool=cfg.embed_pool, drop_path=cfg.drop_path,
+                    mask_token=cfg.ibot > 0)
     torch.manual_seed(cfg.seed)
     head = dict(out_dim=cfg.out_dim, norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn_in_head)
     student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, **head))
@@ -181,7 +194,9 @@ class Trainer:
     """A DINO run over `sources`. With `resume`, the run in checkpoint `output` continues with its
     recorded settings (`cfg` is not used: see `recorded_config`); with `init`, a new run starts
     from a checkpoint's backbone weights. `view` holds how images are read beyond the run's
-    settings (max_pixels); channels, z, axes and series are the run's (cfg)."""
+    settings (max_pixels); channels, z, axes and series are the run's (cfg). With normalize
+    "dataset", the data set's statistics are the checkpoint's (resume) or estimated over `sources`
+    (then also in `dataset_stats_estimated`, for the caller to report)."""
 
     def __init__(self, sources: list[Source], cfg: PretrainConfig, output, *, world: World = World(),
                  view: ViewOptions = ViewOptions(), workers: int = 2, on_error: str = "fail",
@@ -201,11 +216,15 @@ class Trainer:
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         if cfg.koleo and cfg.batch_size < 2:
             raise ProtlocError("--koleo spreads the features of a process's batch apart: it needs --batch-size 2 or more")
-        self.student, self.teacher = build_models(cfg, channels)
-        # every image is checked against the model on its own (patch, channels); the loader only
-        # decodes and scales to ~0..1, augment.py standardizes the crops
-        self.view = dataclasses.replace(model_view(view, self.student.backbone.config), size=None, normalize="percentile",
-                                        same_channels=tuple(channels) if cfg.layout == "channel" else None)
+        # the loader decodes and normalizes (image: scales to ~0..1, augment.py standardizes the crops)
+        view = dataclasses.replace(view, size=None, normalize=loader_normalization(cfg.normalize),
+                                   same_channels=tuple(channels) if cfg.layout == "channel" else None)
+        view, self.dataset_stats_estimated = with_dataset_stats(
+            view, ckpt["config"].get("dataset_stats") if ckpt is not None else None, self.output, sources, workers,
+            on_error)
+        self.student, self.teacher = build_models(cfg, channels, view.dataset_stats)
+        # every image is checked against the model on its own (patch, channels)
+        self.view = model_view(view, self.student.backbone.config)
         self.skipped: set[str] = set()  # images reported as skipped (once, not every epoch)
         if cfg.use_bn_in_head and world.size > 1 and world.device.type == "cuda":
             # batch statistics over the whole batch, as DINO does; SyncBatchNorm runs on GPUs only,

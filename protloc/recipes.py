@@ -1,0 +1,77 @@
+"""Pretraining recipes: whole, named sets of settings for `protloc pretrain --recipe NAME`.
+
+A recipe is one PretrainConfig: architecture, DINO head, crops, schedules, normalization, and the
+view embed uses with the checkpoint (size, pooling). Flags given on the command line override
+single settings of it (`resolve`); the checkpoint records the resolved settings, the recipe's
+name included, and `embed` / `finetune` / `predict` take the recorded view unless told otherwise.
+
+- dino: the DINO reference's settings (Caron et al. 2021, main_dino.py, ViT-S/16), made for
+  ImageNet's 1.3 M images on many GPUs over 100-800 epochs.
+- small: for a few hundred to a few hundred thousand images on a CPU or one GPU. Until the
+  experiments of benchmarks/real_data_eval.py decide its values, it is `make demo`'s recipe, the
+  best measured so far. On a 3-class single-cell set (issue 14; k-NN macro F1, grouped folds) it
+  gave 0.72 after 600 CPU steps, where protloc's reference objective (vit_tiny/8, 64-px global
+  and 4 local crops, out_dim 4096, 300 steps) gave 0.50, below the random-init ViT's 0.53.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protloc.augment import MultiCropConfig
+from protloc.pretrain import PretrainConfig
+
+DINO = PretrainConfig(recipe="dino")  # PretrainConfig's defaults are the reference's
+
+SMALL = dataclasses.replace(
+    DINO,
+    recipe="small",
+    # a small backbone for CPU minutes: vit_tiny with 4 blocks (a third of the compute of 12);
+    # patch 8 gives an 8x8 token grid on a 64-px crop (patch 16: 4x4)
+    arch="vit_tiny", patch=8, depth=4,
+    # batch norm in the head's hidden layers: with DINO's plain head a random backbone gives every
+    # image nearly the same output and the loss sits at log(out_dim) for hundreds of steps; with it
+    # the demo's teacher entropy falls from 6.9 to 4.9 nats in 100 steps, and k-NN macro F1 after
+    # 600 steps is 0.71 instead of 0.58 (README, pretrain)
+    use_bn_in_head=True,
+    # a few thousand images hold far fewer prototypes than 65536 (README: 1024-8192 learn faster)
+    out_dim=1024,
+    # a CPU step of 32 images takes about half a second; a higher peak learning rate than DINO's
+    # 5e-4 (per 256 images) for a run of hundreds of steps instead of hundreds of thousands
+    batch_size=32, lr=0.0016,
+    # schedules made for 100+ epochs, shortened: the teacher at its final temperature from the
+    # start (30 warm-up epochs would be most of a short run), a faster-moving teacher (0.996
+    # barely moves over a few hundred steps), the head's last layer trained from the first step;
+    # the learning-rate warm-up stays the reference's 10 epochs
+    warmup_teacher_temp_epochs=0.0, momentum_teacher=0.99, freeze_last_layer=0.0,
+    # 64-px global crops and no local crops: a local crop of a 64-px view (5-40 % of it) holds
+    # little of a cell, and every crop adds compute to every step
+    crops=dataclasses.replace(DINO.crops, global_size=64, local_crops=0),
+    # embed views whole images at the global crop size, as the model saw them in training
+    embed_size=64,
+)
+
+RECIPES = {"dino": DINO, "small": SMALL}
+DEFAULT = "dino"  # until benchmarks/real_data_eval.py shows `small` better on the real sets
+
+CROP_SETTINGS = frozenset(f.name for f in dataclasses.fields(MultiCropConfig)) - {"normalize"}  # the run's normalize
+
+
+def settings(cfg: PretrainConfig) -> dict[str, object]:
+    """Every setting of `cfg` by name, the crops' among them (global_size, ...)."""
+    run = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "crops"}
+    return {**run, **{name: getattr(cfg.crops, name) for name in sorted(CROP_SETTINGS)}}
+
+
+def changes(name: str) -> dict[str, object]:
+    """The settings in which recipe `name` differs from the reference's (dino)."""
+    base = settings(DINO)
+    return {k: v for k, v in settings(RECIPES[name]).items() if k != "recipe" and v != base[k]}
+
+
+def resolve(name: str, given: dict[str, object]) -> PretrainConfig:
+    """Recipe `name` with the settings `given` (by name, as in `settings`) in place of its own."""
+    recipe = RECIPES[name]
+    crops = {k: v for k, v in given.items() if k in CROP_SETTINGS}
+    run = {k: v for k, v in given.items() if k not in CROP_SETTINGS}
+    return dataclasses.replace(recipe, **run, crops=dataclasses.replace(recipe.crops, **crops))
