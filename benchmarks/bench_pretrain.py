@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from protloc.augment import MultiCropConfig, multi_crop
-from protloc.dino import clip_gradients, ema_update
+from protloc.augment import MultiCropConfig
 from protloc.distributed import World
 from protloc.pretrain import PretrainConfig, Trainer
 from protloc.sources import discover
@@ -35,26 +34,15 @@ from table import Table  # benchmarks/table.py
 
 
 def ready_crops(trainer, items):
-    """The crops of one batch, as train_step makes them: ([global (2B, C, g, g), local (nB, C, l, l)], names, n_crops)."""
+    """The crops of one batch, as train_step makes them: (crops, names, n_crops, masks)."""
     images, names = trainer.images(items)
-    protein = names.index("protein") if "protein" in names else None
-    global_crops, local_crops = multi_crop(images, trainer.cfg.crops, torch.Generator().manual_seed(0), protein)
-    crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
-    return crops, names, 2 + (local_crops.shape[0] if local_crops is not None else 0)
+    crops, n_crops, masks = trainer.crops(images, names, seed=0)
+    return crops, names, n_crops, masks
 
 
-def model_step(trainer, crops, names, n_crops):
-    """Forward, loss, backward, clipping, AdamW and EMA of Trainer.train_step, on ready crops (schedules at step 0)."""
-    cfg, sched = trainer.cfg, trainer.schedules
-    with trainer.autocast:
-        teacher_out = trainer.teacher(crops[:1], names, cfg.pack)
-        student_out = trainer.student(crops, names, cfg.pack)
-        loss, _ = trainer.loss_fn(student_out, teacher_out, n_crops, sched.teacher_temp[0])
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_gradients(trainer.student, cfg.clip_grad)
-    trainer.optimizer.step()
-    ema_update(trainer.teacher, trainer.student, float(sched.momentum[0]))
+def model_step(trainer, crops, names, n_crops, masks):
+    """Trainer.model_step on ready crops: forward, loss, backward, clipping, AdamW and EMA (schedules at step 0)."""
+    trainer.model_step(crops, names, n_crops, masks, step=0)
 
 
 def timed(device, steps, fn):

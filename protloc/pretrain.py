@@ -296,19 +296,43 @@ class Trainer:
             log.warning("step %d: every image of its batch was skipped; no update", step + 1)
             self.step += 1
             return None
-        protein = names.index("protein") if "protein" in names else None
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
+        crops, n_crops, masks = self.crops(images, names, seed)
+        losses, targets, terms = self.model_step(crops, names, n_crops, masks, step)
+        self.step += 1
+
+        elapsed = time.perf_counter() - start
+        images_done = len(images) * self.world.size
+        return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
+                "images": images_done,
+                "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
+                "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
+                "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
+                "peak_memory_mb": peak_memory_mb(self.world.device),
+                **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
+                   for name, term in terms.items()}}
+
+    def crops(self, images, names, seed: int):
+        """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
+        global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
+        cfg = self.cfg
+        protein = names.index("protein") if "protein" in names else None
         global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed), protein)
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
-
         masks = None
         if cfg.ibot:  # the same for the teacher (unmasked input) and the student (masked)
             grid = crops[0].shape[-1] // cfg.patch
             masks = sample_masks(crops[0].shape[0], grid, grid, cfg.mask_ratio, cfg.mask_prob, np.random.default_rng(seed))
             masks = torch.from_numpy(masks).to(self.world.device)
+        return crops, n_crops, masks
 
+    def model_step(self, crops, names, n_crops: int, masks, step: int):
+        """Forward, loss, backward, clipping, AdamW and the teacher's EMA on ready crops, with the
+        schedules' values at `step`: (every rank's loss, the teacher's targets, the weighted DINOv2
+        terms beside DINO's loss, empty when none is on)."""
+        cfg, sched = self.cfg, self.schedules
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(sched.lr[step])
             if i == 0:  # only the first group is regularized
@@ -340,18 +364,7 @@ class Trainer:
                 p.grad = None
         self.optimizer.step()
         ema_update(self.teacher, self.student, float(sched.momentum[step]))
-        self.step += 1
-
-        elapsed = time.perf_counter() - start
-        images_done = len(images) * self.world.size
-        return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
-                "images": images_done,
-                "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
-                "teacher_temp": float(sched.teacher_temp[step]), "momentum": float(sched.momentum[step]),
-                "teacher_entropy": entropy(torch.cat(targets)), "images_per_s": images_done / elapsed,
-                "peak_memory_mb": peak_memory_mb(self.world.device),
-                **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
-                   for name, term in terms.items()}}
+        return losses, targets, terms
 
     def save(self):
         sums = all_gather_float(self.world, replica_checksum(self.teacher))
