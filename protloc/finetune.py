@@ -56,7 +56,7 @@ MIN_LR = 1e-6  # end of the full fine-tuning cosine, as DINO's
 @dataclass
 class FinetuneConfig:
     freeze: bool = True
-    head: str = "linear"
+    head: str = "linear"  # frozen: the linear probe, which takes none of the step settings below
     epochs: int = 100
     min_steps: int = 500  # optimizer steps per fit at least (steps_per_epoch)
     patience: int = 20  # epochs without a better validation score before stopping

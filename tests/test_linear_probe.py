@@ -16,6 +16,7 @@ from sklearn.metrics import f1_score, log_loss
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
+from protloc.checkpoint import load_checkpoint
 from protloc.classifier import load_classifier
 from protloc.cli import main
 from protloc.crossval import cross_validate, plan, summarize
@@ -149,6 +150,19 @@ def test_multilabel_probe_is_one_binary_regression_per_class():
     assert report["multilabel"] and report["macro_f1"]["mean"] >= np.mean(reference) - 0.03, (report["macro_f1"], reference)
 
 
+def test_too_few_rows_or_groups_for_grouped_inner_folds_are_said(caplog):
+    x, rows = separated(n=12)
+    one_group = np.array(["g"] * 12)
+    probe = fit_linear_probe(x, rows.y, one_group, False, "weight", seed=0)
+    assert (probe.inner_grouped, probe.inner_folds) == (False, 4)  # 4 rows a class: 4 stratified folds by row
+    assert "too few groups in a training part to group the linear probe's inner folds" in caplog.text
+    caplog.clear()
+    two = fit_linear_probe(x[:2], rows.y[:2, :2], None, False, "weight", seed=0)  # one row a class: no 2 folds
+    assert two.C == 1.0 and two.inner_folds == 0
+    assert "2 training rows are too few to choose the linear probe's C by cross-validation: C = 1" in caplog.text
+    assert torch.softmax(head_logits(two.head, x[:2]), 1).argmax(1).tolist() == [0, 1]
+
+
 def test_a_class_absent_from_the_training_rows_is_never_predicted():
     x, rows = separated(classes=3)
     keep = rows.y[:, 2] == 0
@@ -174,6 +188,7 @@ def test_model_round_trip_predict_gives_scikit_learns_probabilities(tmp_path, cl
     report = json.loads((tmp_path / "cv.json").read_text())
     assert report["final"]["C"] in PROBE_C and all(r["C"] in PROBE_C for r in report["runs"])
     assert report["meta"]["probe"]["C_grid"] == list(PROBE_C)
+    assert load_checkpoint(tmp_path / "m.pt")["classifier"]["trained_on"]["C"] == report["final"]["C"]
     lines = made.stderr.splitlines()
     assert "protloc: warning: --epochs not used: the frozen linear head is a linear probe" in made.stderr
     assert "linear probe C by inner cross-validation: " in lines[-1] and f"(C = {report['final']['C']:.3g})" in lines[-1]
