@@ -102,7 +102,7 @@ def _chosen_C(values) -> str:
                    "Not for the frozen linear probe.")
 @click.option("--balance", type=click.Choice(BALANCES), default="weight",
               help="Class balance for macro F1: weight the loss by inverse class frequency, sample rows "
-                   "class-balanced, or none.")
+                   "class-balanced (the linear probe weighs each row by 1 / its class's count instead), or none.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs per fit of the mlp head and fine-tuning (early stopping may end it sooner). Default: 100 "
                    "with --freeze, 30 fine-tuning.")
