@@ -10,11 +10,12 @@ reference; mitochondria 782, cytosol 349):
    local crops, out_dim 1024, batch 32, lr 0.0016, teacher momentum 0.99); the random-init
    backbone is the same network before those steps;
 2. both backbones are evaluated on the same folds with protloc's own code and the defaults of
-   `protloc finetune`: k-NN (k = 10, DINO's weighted vote, as `protloc knn`), a linear head on
-   frozen embeddings (100 epochs, no validation split: the --freeze defaults), and full
-   fine-tuning of backbone and head (head lr 1e-3, backbone x 0.1, the pretraining augmentations
-   without local crops, --ft-epochs epochs, the best epoch on a 10 % validation split: the
-   fine-tuning defaults except the epoch count, cut so the script fits ~20 minutes on 2 cores).
+   `protloc finetune`: k-NN (k = 10, DINO's weighted vote, as `protloc knn`), the linear probe on
+   frozen embeddings (logistic regression, C by inner cross-validation: the --freeze default), and
+   full fine-tuning of backbone and head (head lr 1e-3, backbone x 0.1, the pretraining
+   augmentations without local crops, --ft-epochs epochs of one pass each (--min-steps 0), the
+   best epoch on a 10 % validation split: the fine-tuning defaults except the step count, cut so
+   the script fits ~20 minutes on 2 cores).
 
 Folds are stratified but not grouped: the 3 genes each have one class, so grouped folds would test
 a class never seen in training (as benchmarks/pretrain_evidence.py). Macro F1 is mean ± std
@@ -68,11 +69,11 @@ def evaluate(name, backbone, sources, rows, matched, args):
     assert ids == rows.ids
     knn = knn_cross_validate(x, matched, ks=(10,), folds=args.folds)[0]
     out["knn"] = f"{knn.f1_macro_mean:.3f} ± {knn.f1_macro_std:.3f}"
-    frozen = FrozenTask(x, rows, FinetuneConfig(freeze=True, head="linear", epochs=100, batch_size=256))
+    frozen = FrozenTask(x, rows, FinetuneConfig(freeze=True, head="linear"))
     runs, _ = cross_validate(frozen, rows.y, False, plan(rows.y, None, False, args.folds, args.seeds, val_fraction=0.0))
     out["frozen"] = scores(runs)
     t1 = time.perf_counter()
-    cfg = FinetuneConfig(freeze=False, epochs=args.ft_epochs, batch_size=32, size=SIZE)
+    cfg = FinetuneConfig(freeze=False, epochs=args.ft_epochs, min_steps=0, batch_size=32, size=SIZE)
     full = FullTask(backbone, sources, rows, cfg, view, workers=args.workers)
     runs, _ = cross_validate(full, rows.y, False, plan(rows.y, None, False, args.folds, args.ft_seeds,
                                                        val_fraction=0.1))

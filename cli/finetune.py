@@ -3,11 +3,13 @@
 import contextlib
 import dataclasses
 import json
-import math
+import logging
 import sys
 import time
+from collections import Counter
 
 import click
+from click.core import ParameterSource
 from tqdm import tqdm
 
 from protloc import __version__
@@ -24,15 +26,20 @@ from protloc.device import resolve_device
 from protloc.embed import load_backbone, view_settings
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
-from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of)
+from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of,
+                              steps_per_epoch)
 from protloc.folds import check_folds, require_classes, scored_classes
-from protloc.head import BALANCES, HEADS
+from protloc.head import BALANCES, HEADS, PROBE_C, PROBE_FOLDS, PROBE_MAX_ITER
 from protloc.labels import images_of, match_rows, read_labels
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
 
 
+log = logging.getLogger("protloc.cli")
+
 NOTHING_WRITTEN = "during fine-tuning; nothing written (fine-tuning has no resume: rerun it)"
+# what the linear probe (a frozen linear head, solved to convergence) does not use
+STEP_OPTIONS = ("epochs", "min_steps", "patience", "lr", "weight_decay", "batch_size", "val_fraction")
 
 
 def _is_embeddings(inputs) -> bool:
@@ -42,7 +49,7 @@ def _is_embeddings(inputs) -> bool:
 def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
     """FullTask.on_step: a status line for logs (stderr no terminal), and a stop after the step
     in which a signal came (`received`, from stop_after_step)."""
-    steps = cfg.epochs * sum(math.ceil(len(fit.train) / cfg.batch_size) for fit in fits)  # early stopping: fewer
+    steps = cfg.epochs * sum(steps_per_epoch(len(fit.train), cfg) for fit in fits)  # early stopping: fewer
     status = status_line(ctx, steps, what="fine-tuning step")
 
     def on_step(loss, images):
@@ -51,6 +58,11 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
         if received:
             raise Stopped(received[0], NOTHING_WRITTEN)
     return on_step
+
+
+def _chosen_C(values) -> str:
+    """`0.1 (2 fits), 1 (3 fits)`: the linear probe's C values, smallest first."""
+    return ", ".join(f"{c:.3g} ({n} fit{'s' if n != 1 else ''})" for c, n in sorted(Counter(values).items()))
 
 
 @click.command("finetune")
@@ -68,7 +80,10 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
                    "--depth). Not for an EMB input.")
 @architecture_options("a random backbone")
 @click.option("--head", "head_kind", type=click.Choice(HEADS), default="linear",
-              help="linear: D -> classes; mlp: D -> 512 -> 256 -> classes (ReLU, dropout 0.5).")
+              help="linear: D -> classes; mlp: D -> 512 -> 256 -> classes (ReLU, dropout 0.5). With --freeze the "
+                   "linear head is a linear probe: logistic regression on standardized features solved to "
+                   "convergence (L-BFGS), its L2 strength C chosen from 1e-4..1e4 by inner cross-validation on "
+                   "each training part (grouped as the folds); the step options below are for mlp and fine-tuning.")
 @click.option("--folds", type=click.IntRange(min=0), default=5,
               help="Cross-validation folds, stratified, grouped by the group column when present, else by image "
                    "(0: no cross-validation, only fit MODEL). Classes whose rows lie in one group are not scored.")
@@ -84,19 +99,27 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=None,
               help="Part of each training split held out for early stopping (stratified; grouped when there are "
                    "enough groups); 0: no early stopping, all --epochs. Default: 0 with --freeze (a head on frozen "
-                   "features: a small validation split picks a noisy epoch and costs training rows), 0.1 fine-tuning.")
+                   "features: a small validation split picks a noisy epoch and costs training rows), 0.1 fine-tuning. "
+                   "Not for the frozen linear probe.")
 @click.option("--balance", type=click.Choice(BALANCES), default="weight",
               help="Class balance for macro F1: weight the loss by inverse class frequency, sample rows "
-                   "class-balanced, or none.")
+                   "class-balanced (the linear probe weighs each row by 1 / its class's count instead), or none.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
-              help="Epochs per fit (early stopping may end it sooner). Default: 100 with --freeze, 30 fine-tuning.")
+              help="Epochs per fit of the mlp head and fine-tuning (early stopping may end it sooner). Default: 100 "
+                   "with --freeze, 30 fine-tuning.")
+@click.option("--min-steps", type=click.IntRange(min=0), default=None,
+              help="Optimizer steps per fit at least (mlp head, fine-tuning): an epoch is one pass over the "
+                   "training rows, or as many passes as make min-steps / epochs steps when one pass makes fewer, so "
+                   "that a small data set still gets enough updates. Default: 500 with --freeze, 300 fine-tuning.")
 @click.option("--patience", type=click.IntRange(min=1), default=20,
               help="Early stopping: epochs without a better validation macro F1 (ties: lower loss); the best "
                    "epoch's weights are kept.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="AdamW learning rate of the head.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, help="AdamW weight decay (weight matrices only).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              help="AdamW learning rate of the head (mlp head, fine-tuning).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05,
+              help="AdamW weight decay, weight matrices only (mlp head, fine-tuning).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Rows per step. Default: 256 with --freeze, 32 images fine-tuning.")
+              help="Rows per step (mlp head, fine-tuning). Default: 256 with --freeze, 32 images fine-tuning.")
 @click.option("--backbone-lr-scale", type=click.FloatRange(min=0), default=0.1,
               help="Fine-tuning: the backbone's learning rate is the head's times this.")
 @click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0,
@@ -120,7 +143,7 @@ def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
 @common
 @click.pass_context
 def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, patch, layout, depth, head_kind, folds,
-                     seeds, seed, fraction, val_fraction, balance, epochs, patience, lr, weight_decay, batch_size,
+                     seeds, seed, fraction, val_fraction, balance, epochs, min_steps, patience, lr, weight_decay, batch_size,
                      backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells, cell_size,
                      mask_outside, border, channel_strategy, fill, model_channels, ids_path,
                      id_column, label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes, series,
@@ -158,9 +181,16 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         raise click.UsageError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
     if not freeze and size == 0:
         raise click.UsageError("--size 0 (native size) goes with --freeze (fine-tuning trains on crops of one size)")
-    val_fraction = (0.0 if freeze else 0.1) if val_fraction is None else val_fraction
+    probe = freeze and head_kind == "linear"
+    unused = [f"--{name.replace('_', '-')}" for name in STEP_OPTIONS
+              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+    if probe and unused:
+        log.warning("%s not used: the frozen linear head is a linear probe solved to convergence (C by inner "
+                    "cross-validation); they train the mlp head and fine-tuning", ", ".join(unused))
+    val_fraction = (0.0 if freeze else 0.1) if val_fraction is None or probe else val_fraction
     cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
-    cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30), patience=patience,
+    cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30),
+                         min_steps=(500 if freeze else 300) if min_steps is None else min_steps, patience=patience,
                          lr=lr, weight_decay=weight_decay, batch_size=batch_size or (256 if freeze else 32),
                          balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay)
     for path in (output, json_path):
@@ -262,24 +292,32 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
             fitted = task.fit(split.train, split.val, seed, on_epoch)
             bar.update(1)
             final = {"model": output, "n_train": len(split.train), "n_val": len(split.val),
-                     "best_epoch": fitted.best_epoch, "epochs": fitted.epochs}
+                     "best_epoch": fitted.best_epoch, "epochs": fitted.epochs, "C": fitted.C}
     if received:  # came after the last step (while evaluating): stop before writing anything
         raise Stopped(received[0], NOTHING_WRITTEN)
 
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
                 "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,
                 "grouped": rows.groups is not None, "no_groups": no_groups, "folds": folds, "seeds": seeds, "seed": seed,
-                "fraction": fraction, "val_fraction": val_fraction, **cfg.to_dict()}
+                "fraction": fraction, "val_fraction": val_fraction, **cfg.to_dict(),
+                "probe": {"C_grid": list(PROBE_C), "inner_folds": PROBE_FOLDS, "max_iter": PROBE_MAX_ITER} if probe else None}
     if output is not None:
         cv = {k: report[k] for k in ("macro_f1_pooled", "macro_f1", "accuracy")} if report else None
         save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=views,
-                        backbone_ref=backbone_ref, finetune=settings, trained_on={"labels": labels_path,
-                        "rows": len(rows.ids)}, cv=cv, backbone=fitted.backbone or backbone)
+                        backbone_ref=backbone_ref, finetune=settings,
+                        trained_on={"labels": labels_path, "rows": len(rows.ids),
+                                    **{k: final[k] for k in ("n_train", "n_val", "best_epoch", "epochs", "C")}},
+                        cv=cv, backbone=fitted.backbone or backbone)
     if json_path:
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump({"meta": settings, **(report or {}), "final": final}, f, indent=2)
     if report:
         click.echo(format_table(report, folds, seeds))
     if not quiet:
-        done = f"; MODEL {output} (best epoch {final['best_epoch']} of {final['epochs']})" if final else ""
+        if probe:
+            chosen = f"; linear probe C by inner cross-validation: {_chosen_C(r['C'] for r in report['runs'])}" \
+                if report else ""
+            done = chosen + (f"; MODEL {output} (C = {final['C']:.3g})" if final else "")
+        else:
+            done = f"; MODEL {output} (best epoch {final['best_epoch']} of {final['epochs']})" if final else ""
         click.echo(f"protloc: {fits} fit(s) in {time.perf_counter() - start:.1f} s{done}", err=True)

@@ -22,7 +22,8 @@ A MODEL is a protloc checkpoint (protloc.checkpoint: plain tensors and data only
                        trained on an embeddings file, from the file's meta: {"included": false,
                        "weights": absolute path or "random", "sha256", "seed", "config"}
       finetune         the training settings (protloc.finetune.FinetuneConfig)
-      trained_on       labels file and row count
+      trained_on       labels file and row count, and the fit's training and validation rows,
+                       epochs (best, run) or, for the linear probe, its chosen C
       cv               the cross-validated macro F1 (mean, std, runs), when one ran
 
 A head without its backbone needs it at prediction time: `--backbone CKPT`, or the file at the

@@ -56,8 +56,9 @@ class RunResult:
     n_train: int
     n_val: int
     n_test: int
-    best_epoch: int  # 1-based epoch whose weights were kept
-    epochs: int  # epochs run before stopping
+    best_epoch: int | None  # 1-based epoch whose weights were kept (None: the linear probe, no epochs)
+    epochs: int | None  # epochs run before stopping
+    C: float | None  # the linear probe's inverse L2 strength, chosen by inner cross-validation
 
 
 def stratified_fraction(y: np.ndarray, rows: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -141,9 +142,10 @@ def final_split(y: np.ndarray, groups, multilabel: bool, seed: int = 0, fraction
 def cross_validate(task, y: np.ndarray, multilabel: bool, split_list: list[Split], on_epoch=None,
                    on_fit=None, scored: np.ndarray | None = None) -> tuple[list[RunResult], dict[int, np.ndarray]]:
     """Fit and test `task` on every split. `task.fit(train, val, seed, on_epoch)` returns a fitted
-    model with `.best_epoch` and `.epochs`; `task.predict(fitted, rows)` its (rows, classes)
-    probabilities. Each run is scored on the `scored` classes (protloc.folds.metrics; default
-    all). Returns the runs and, per seed, the pooled out-of-fold probabilities."""
+    model with `.best_epoch`, `.epochs` and `.C` (protloc.finetune.Fitted); `task.predict(fitted,
+    rows)` its (rows, classes) probabilities. Each run is scored on the `scored` classes
+    (protloc.folds.metrics; default all). Returns the runs and, per seed, the pooled out-of-fold
+    probabilities."""
     runs, pooled = [], {}
     for sp in split_list:
         fitted = task.fit(sp.train, sp.val, sp.seed, on_epoch)
@@ -151,7 +153,7 @@ def cross_validate(task, y: np.ndarray, multilabel: bool, split_list: list[Split
         pooled.setdefault(sp.seed, np.full((len(y), y.shape[1]), np.nan, dtype=np.float32))[sp.test] = probs
         f1, acc = metrics(y[sp.test], predict(probs, multilabel), scored) or (None, None)
         runs.append(RunResult(sp.seed, sp.fold, f1, acc, len(sp.train), len(sp.val), len(sp.test),
-                              fitted.best_epoch, fitted.epochs))
+                              fitted.best_epoch, fitted.epochs, fitted.C))
         if on_fit is not None:
             on_fit(runs[-1])
     return runs, pooled

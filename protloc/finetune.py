@@ -3,8 +3,10 @@
 The study's two transfer protocols (arXiv 2604.10970):
 
 - frozen (`FrozenTask`): the backbone's embeddings are computed once (or read from an embeddings
-  file); a head (protloc.head) is trained on them as tensors: AdamW, mini-batches, a fixed number
-  of epochs, with early stopping when given a validation split. Fast on a CPU.
+  file); a head (protloc.head) is trained on them as tensors. The linear head is a linear probe
+  solved to convergence (protloc.head.fit_linear_probe: L-BFGS logistic regression, C by inner
+  cross-validation); the mlp head trains by AdamW on mini-batches for `epochs` epochs, with early
+  stopping when given a validation split. Fast on a CPU.
 - full fine-tuning (`FullTask`): backbone and head are trained together from images. Each step
   decodes a batch, cuts DINO's 2 global crops of every image at the view size with the
   pretraining augmentations (protloc.augment: random resized crop, flips and 90-degree rotations,
@@ -13,6 +15,12 @@ The study's two transfer protocols (arXiv 2604.10970):
   (block i of L gets layer_decay ** (L - i), the embeddings layer_decay ** (L + 1)); linear
   warm-up over the first epoch, then cosine. Evaluation embeds the whole image resized to the
   view size, exactly as `protloc embed --size` and `protloc predict` do.
+
+Steps scale with the data, never below `min_steps` per fit: an epoch of the mlp head or of full
+fine-tuning is one pass over the training rows in batches, or as many passes as make
+min_steps / epochs steps when one pass makes fewer (`steps_per_epoch`). A fixed number of
+epochs of one batch each gave a small data set a fixed, small number of updates: 100 AdamW
+steps at 1e-3 left a linear head near its random initialization.
 
 Both restore the weights of the best validation epoch (protloc.head.EarlyStopping).
 Cross-validation over these tasks is protloc.crossval; the MODEL file is protloc.classifier.
@@ -35,7 +43,8 @@ from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
 from protloc.folds import evaluation_groups, metrics
-from protloc.head import EarlyStopping, Head, epoch_order, loss_function, probabilities, sample_weights, targets
+from protloc.head import (EarlyStopping, Head, epoch_batches, fit_linear_probe, loss_function, probabilities,
+                           sample_weights, targets)
 from protloc.knn import predict
 from protloc.labels import Matched, strip_fragment
 from protloc.model import VisionTransformer
@@ -47,8 +56,9 @@ MIN_LR = 1e-6  # end of the full fine-tuning cosine, as DINO's
 @dataclass
 class FinetuneConfig:
     freeze: bool = True
-    head: str = "linear"
+    head: str = "linear"  # frozen: the linear probe, which takes none of the step settings below
     epochs: int = 100
+    min_steps: int = 500  # optimizer steps per fit at least (steps_per_epoch)
     patience: int = 20  # epochs without a better validation score before stopping
     lr: float = 1e-3  # the head's; the backbone's is lr * backbone_lr_scale
     weight_decay: float = 0.05  # AdamW, weight matrices only
@@ -116,12 +126,19 @@ def readable(backbone: VisionTransformer, sources: list[Source], opts: ViewOptio
     return [item.index for item in loader(sources, view, workers) if usable(item, on_error)]
 
 
+def steps_per_epoch(n_train: int, cfg: FinetuneConfig) -> int:
+    """Optimizer steps of one epoch of n_train rows: one pass in batches of cfg.batch_size, or
+    more passes when one makes fewer than cfg.min_steps / cfg.epochs steps (protloc.head.epoch_batches)."""
+    return max(math.ceil(n_train / cfg.batch_size), math.ceil(cfg.min_steps / cfg.epochs))
+
+
 @dataclass
 class Fitted:
     head: Head
     backbone: VisionTransformer | None  # None: a head on frozen embeddings
-    best_epoch: int  # 1-based epoch whose weights were kept
-    epochs: int  # epochs run
+    best_epoch: int | None  # 1-based epoch whose weights were kept; None: the linear probe (no epochs)
+    epochs: int | None  # epochs run
+    C: float | None = None  # the linear probe's inverse L2 strength, chosen by inner cross-validation
 
 
 def _run_epochs(cfg: FinetuneConfig, train_epoch, evaluate, stopper: EarlyStopping, has_val: bool, on_epoch):
@@ -157,7 +174,9 @@ def one_cpu_thread(device: torch.device):
 
 
 class FrozenTask:
-    """A head on fixed embeddings x (n, D), trained as tensors."""
+    """A head on fixed embeddings x (n, D): the linear probe, or the mlp head trained as tensors.
+    The linear probe chooses its C by inner cross-validation on `train` (grouped by rows.groups)
+    and uses no validation rows."""
 
     def __init__(self, x: np.ndarray, rows: LabelledRows, cfg: FinetuneConfig, device="cpu"):
         self.device = torch.device(device)
@@ -171,6 +190,10 @@ class FrozenTask:
 
     def _fit(self, train, val, seed, on_epoch):
         cfg, rows, x, t = self.cfg, self.rows, self.x, self.t
+        if cfg.head == "linear":
+            groups = rows.groups[train] if rows.groups is not None else None
+            probe = fit_linear_probe(x[train].cpu().numpy(), rows.y[train], groups, rows.multilabel, cfg.balance, seed)
+            return Fitted(probe.head, None, None, None, probe.C)
         torch.manual_seed(seed)
         head = Head(x.shape[1], len(rows.classes), cfg.head).to(self.device)
         head.standardize_with(x[train])
@@ -179,10 +202,11 @@ class FrozenTask:
         generator = torch.Generator().manual_seed(seed)
         weights = sample_weights(rows.y[train]) if cfg.balance == "sample" else None
         train_t = torch.as_tensor(train, device=self.device)
+        steps = steps_per_epoch(len(train), cfg)
 
         def train_epoch(_epoch):
             head.train()
-            for chunk in epoch_order(len(train), cfg.balance, weights, generator).split(cfg.batch_size):
+            for chunk in epoch_batches(len(train), steps, cfg.batch_size, cfg.balance, weights, generator):
                 idx = train_t[chunk.to(self.device)]
                 loss = loss_fn(head(x[idx]), t[idx])
                 optimizer.zero_grad(set_to_none=True)
@@ -287,7 +311,7 @@ class FullTask:
         head = Head(backbone.dim, len(rows.classes), cfg.head).to(self.device)
         groups = layer_groups(backbone, head, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        per_epoch = steps_per_epoch(len(train), cfg)
         schedule = cosine_schedule(cfg.lr, MIN_LR, cfg.epochs * per_epoch, warmup_steps=per_epoch)
         loss_fn = loss_function(rows.y[train], rows.multilabel, cfg.balance, self.device)
         val_loss_fn = loss_function(rows.y[train], rows.multilabel, cfg.balance)
@@ -297,8 +321,9 @@ class FullTask:
         def train_epoch(epoch):
             nonlocal step
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-            order = train[epoch_order(len(train), cfg.balance, weights, generator).numpy()]
-            index_lists = [order[i:i + cfg.batch_size].tolist() for i in range(0, len(order), cfg.batch_size)]
+            index_lists = [train[batch.numpy()].tolist()
+                           for batch in epoch_batches(len(train), per_epoch, cfg.batch_size, cfg.balance, weights,
+                                                      generator)]
             backbone.train()
             head.train()
             for items in self._batches(index_lists):

@@ -269,7 +269,8 @@ def test_full_finetuning_prints_status_lines_without_a_terminal(images, tmp_path
     monkeypatch.setenv("PROTLOC_STATUS_EVERY", "0")
     result = CliRunner().invoke(main, ["finetune", str(images), "--labels", str(tmp_path / "labels.csv"),
                                        "--weights", "random", *TINY, "--size", "16", "--batch-size", "2",
-                                       "--epochs", "2", "--folds", "2", "--val-fraction", "0", "--workers", "0"])
+                                       "--epochs", "2", "--min-steps", "0", "--folds", "2", "--val-fraction", "0",
+                                       "--workers", "0"])
     assert result.exit_code == 0, result.output
     status = [line for line in result.stderr.splitlines() if line.startswith("protloc: fine-tuning step ")]
     # 2 folds, each training on 2 images: 1 step per epoch, 2 epochs

@@ -102,7 +102,7 @@ def test_predict_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp_
     assert [row.split("\t")[0] for row in rows] == [str(tiny_case / f"{n}_ok.tif") for n in "acde"]
 
 
-@pytest.mark.parametrize("mode", [["--freeze"], ["--size", "16", "--epochs", "1", "--batch-size", "2"]],
+@pytest.mark.parametrize("mode", [["--freeze"], ["--size", "16", "--epochs", "1", "--min-steps", "0", "--batch-size", "2"]],
                          ids=["freeze", "full"])
 def test_finetune_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp_path, mode):
     """Full fine-tuning cuts its crops from the image at native size: a 5 x 5 image is refused
