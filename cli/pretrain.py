@@ -228,7 +228,7 @@ def pretrain_command(ctx, data, output, resume, init, stop_at, checkpoint_every,
     """DINO self-supervised pretraining: a backbone that knows your cells, without labels.
 
     DATA: TIFF files, directories and - (paths on stdin). Runs on many GPUs or nodes with
-    `torchrun --nproc-per-node N -m protloc pretrain ...` (only rank 0 writes).
+    `torchrun --nproc-per-node N -m protloc -- pretrain ...` (only rank 0 writes).
 
     \b
     protloc pretrain cells/ -o dino.pt --recipe small --steps 600       # a few thousand images, a CPU

@@ -1,6 +1,6 @@
 """Many GPUs or nodes through PyTorch's own engine: torchrun + DDP.
 
-`torchrun --nproc-per-node N -m protloc pretrain ...` starts N processes with RANK, WORLD_SIZE,
+`torchrun --nproc-per-node N -m protloc -- pretrain ...` starts N processes with RANK, WORLD_SIZE,
 LOCAL_RANK and a rendezvous in the environment; each process joins the group here (NCCL on
 GPUs, gloo on CPU). A plain `protloc pretrain` is a world of one and touches none of this.
 """

@@ -1,7 +1,7 @@
 """Sharded embedding under torchrun: each rank embeds a contiguous slice of the inputs, rank 0
 writes every row in input order.
 
-    torchrun --nproc-per-node 8 -m protloc embed plates/ --weights dino.pt -o emb.npz
+    torchrun --nproc-per-node 8 -m protloc -- embed plates/ --weights dino.pt -o emb.npz
 
 Rank r of R takes inputs [r*n/R, (r+1)*n/R): contiguous slices, so input order is rank order and
 rank 0 only has to append each rank's rows after its own. Rows travel to rank 0 through the

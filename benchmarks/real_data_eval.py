@@ -1,0 +1,187 @@
+"""Do protloc's self-supervised features beat random weights and raw pixels on real cells?
+
+    python benchmarks/real_data_eval.py [--sets synth,yeast,hpa_cells,hpa_dictionary] [--recipe small]
+                                        [--steps 1200] [--out benchmarks/results/real_data_eval_cpu-2core.txt]
+
+One table. For each labelled real set in ../shared/data, and for protloc's synthetic cells, three
+kinds of features of the same views, scored on the same folds:
+
+    raw         the view's pixels as stored, resized to 16 x 16 per channel, each feature standardized
+                over the set (the baseline any learned feature must beat)
+    random      the recipe's ViT at initialization, embedded with the recipe's view
+    pretrained  the same ViT after --steps of DINO pretraining with the recipe on the set's own
+                images (no labels), from that initialization; its minutes are reported
+
+Each is scored by protloc's weighted k-NN (k = 5, 10, 20) and by the linear probe of `finetune
+--freeze`: macro F1 of the pooled out-of-fold predictions, and per fold mean ± std (5 folds).
+Folds are grouped wherever the set allows (a group never on both sides of a split):
+
+    synth           `protloc synth` (320 fields of 96 px, 80 proteins, 10 classes): grouped by protein
+    yeast           1,131 real 64-px yeast cells (GFP protein, RFP reference), mitochondria vs
+                    cytosol; each of its 3 genes has one class, so grouped folds could not test a
+                    class while training on it: stratified folds, not grouped
+    hpa_cells       62 real 128-px HPA cells (nucleus, protein, microtubules), 3 genes of one class
+                    each: stratified folds, not grouped
+    hpa_dictionary  82 real 820-px HPA fields of 28 classes, cut into 256-px tiles seen at 64 px;
+                    grouped by field (a field's tiles on one side); the class with one field cannot
+                    be measured and is left out of scoring (protloc.folds)
+
+The recipe's settings are used as they are, except the crop scale of hpa_dictionary's pretraining:
+its views are tiles of 8 % of a field, so its crops are drawn at the tiles' scale, not of whole
+fields (a matter of the view's geometry, set before any result was seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from table import Table  # benchmarks/table.py
+
+from protloc.crossval import cross_validate as cross_validate_head, plan, summarize
+from protloc.data import ViewOptions, loader, resize, usable
+from protloc.embed import embed
+from protloc.finetune import FinetuneConfig, FrozenTask, labelled_rows
+from protloc.folds import scored_classes
+from protloc.knn import cross_validate as cross_validate_knn
+from protloc.labels import match_rows, read_labels
+from protloc.pretrain import Trainer
+from protloc.recipes import resolve
+from protloc.sources import discover
+from protloc.synth import write_dataset
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+KS = (5, 10, 20)
+FOLDS = 5
+RAW_SIZE = 16
+
+
+@dataclass
+class EvalSet:
+    name: str
+    data: list[str]  # DATA arguments of the images
+    labels: str
+    id_column: str | None = None
+    label_column: str = "label"
+    group_column: str | None = None  # None: stratified folds, not grouped
+    channel_suffixes: list[str] | None = None
+    tile: int | None = None  # views: tiles of this size, else whole images
+    pretrain: dict = field(default_factory=dict)  # settings beside the recipe's (the view's geometry)
+
+
+def real_sets(synth_dir: str) -> dict[str, EvalSet]:
+    return {
+        "synth": EvalSet("synth", [synth_dir], os.path.join(synth_dir, "labels.csv"), group_column="group"),
+        "yeast": EvalSet("yeast", [str(SHARED / "yeast_crops")], str(SHARED / "yeast_crops" / "labels.csv"),
+                         id_column="protein_file", label_column="control_localization", channel_suffixes=["gfp", "rfp"]),
+        "hpa_cells": EvalSet("hpa_cells", [str(SHARED / "hpa_cells")], str(SHARED / "hpa_cells" / "labels.csv"),
+                             id_column="protein_file", label_column="hpa_main_location",
+                             channel_suffixes=["blue", "green", "red"]),
+        # a 256-px tile is 10 % of an 820-px field: crops of 4-16 % of the field, at the tiles' scale
+        "hpa_dictionary": EvalSet("hpa_dictionary", [str(SHARED / "hpa_dictionary" / "images")],
+                                  str(SHARED / "hpa_dictionary" / "labels.csv"), group_column="group", tile=256,
+                                  pretrain={"global_scale": (0.04, 0.16)}),
+    }
+
+
+def matched_rows(ids: list[str], s: EvalSet):
+    labels = read_labels(s.labels, id_column=s.id_column, label_column=s.label_column, group_column=s.group_column)
+    return match_rows(ids, labels, channel_suffixes=s.channel_suffixes)
+
+
+def raw_pixels(sources, s: EvalSet, workers: int) -> tuple[list[str], np.ndarray]:
+    """Each view's stored pixels resized to RAW_SIZE x RAW_SIZE per channel, flattened, then each
+    feature standardized over the set: (ids, (N, C * RAW_SIZE**2))."""
+    ids, rows = [], []
+    for item in loader(sources, ViewOptions(normalize="none", tile=s.tile), workers):
+        if usable(item, "fail"):
+            ids.append(item.id)
+            rows.append(resize(item.pixels.astype(np.float32), RAW_SIZE).ravel())
+    x = np.stack(rows)
+    return ids, (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+
+
+def vit_features(model, sources, opts: ViewOptions, pool: str, workers: int) -> tuple[list[str], np.ndarray]:
+    ids, rows = [], []
+    for batch_ids, vectors in embed(model, sources, opts, pool=pool, workers=workers):
+        ids += batch_ids
+        rows.append(vectors)
+    return ids, np.concatenate(rows)
+
+
+def scores(ids: list[str], x: np.ndarray, s: EvalSet) -> dict:
+    """k-NN per k and the linear probe: (pooled macro F1, per-fold mean, per-fold std)."""
+    matched = matched_rows(ids, s)
+    out = {f"knn{r.k}": (r.f1_macro_pooled, r.f1_macro_mean, r.f1_macro_std)
+           for r in cross_validate_knn(x, matched, ks=KS, folds=FOLDS)}
+    rows = labelled_rows(matched)
+    scored = scored_classes(rows.y, rows.groups, rows.classes, s.labels, FOLDS, matched.groups is not None)
+    task = FrozenTask(x[matched.rows], rows, FinetuneConfig(freeze=True, head="linear"))
+    runs, pooled = cross_validate_head(task, rows.y, rows.multilabel, plan(rows.y, rows.groups, rows.multilabel,
+                                                                           FOLDS, 1, 0, 1.0, 0.0), scored=scored)
+    report = summarize(runs, pooled, rows.y, rows.classes, rows.multilabel, scored)
+    out["probe"] = (report["macro_f1_pooled"]["mean"], report["macro_f1"]["mean"], report["macro_f1"]["std"])
+    return out
+
+
+def evaluate(s: EvalSet, recipe: str, steps: int, workers: int, table: Table, tmp: str) -> None:
+    sources = discover(s.data, channel_suffixes=s.channel_suffixes)
+    cfg = resolve(recipe, {"steps": steps, **s.pretrain})
+    trainer = Trainer(sources, cfg, os.path.join(tmp, f"{s.name}.pt"), workers=workers, checkpoint_every=10**9)
+    initial = copy.deepcopy(trainer.teacher.backbone)  # the pretraining starts from these weights
+    opts = ViewOptions(size=cfg.embed_size, tile=s.tile, normalize=cfg.normalize,
+                       dataset_stats=trainer.view.dataset_stats)
+    rows = {"raw": scores(*raw_pixels(sources, s, workers), s),
+            "random": scores(*vit_features(initial, sources, opts, cfg.embed_pool, workers), s)}
+    t0 = time.perf_counter()
+    trainer.run()
+    minutes = (time.perf_counter() - t0) / 60
+    rows["pretrained"] = scores(*vit_features(trainer.teacher.backbone, sources, opts, cfg.embed_pool, workers), s)
+    for kind, row in rows.items():
+        cells = "  ".join(f"{p:.3f} {m:.3f}±{sd:.3f}" for p, m, sd in row.values())
+        note = f"{steps} steps, {minutes:.1f} min" if kind == "pretrained" else ""
+        table.add(f"{s.name:<15} {kind:<11} {cells}  {note}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="synth,yeast,hpa_cells,hpa_dictionary")
+    ap.add_argument("--recipe", default="small")
+    ap.add_argument("--steps", type=int, default=1200, help="pretraining steps per set")
+    ap.add_argument("--workers", type=int, default=1, help="loader processes")
+    ap.add_argument("--out", help="also write the table to this file, row by row")
+    args = ap.parse_args()
+    cfg = resolve(args.recipe, {})
+    table = Table(args.out)
+    table.add(f"# protloc real-data evaluation: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads; recipe {args.recipe} ("
+              + ", ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(cfg).items()) if k != "crops") + ")")
+    table.add(f"# macro F1: pooled out-of-fold, and per fold mean±std ({FOLDS} folds); k-NN (protloc knn, T 0.07) "
+              "and the linear probe (finetune --freeze)")
+    table.add(f"{'set':<15} {'features':<11} " + "  ".join(f"{c:<19}" for c in [f"k-NN k={k}" for k in KS] + ["probe"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        synth_dir = os.path.join(tmp, "synth")
+        sets = real_sets(synth_dir)
+        for name in args.sets.split(","):
+            s = sets[name]
+            if name == "synth":
+                write_dataset(synth_dir, n=320, size=96, seed=0)
+            elif not Path(s.labels).is_file():
+                table.add(f"{name:<15} skipped: {s.labels} is missing")
+                continue
+            torch.manual_seed(0)
+            evaluate(s, args.recipe, args.steps, args.workers, table, tmp)
+
+
+if __name__ == "__main__":
+    main()
