@@ -5,10 +5,10 @@
 On ../shared/data/yeast_crops (1,131 real 64 x 64 yeast cells, GFP-tagged protein + RFP cytosolic
 reference; mitochondria 782, cytosol 349):
 
-1. a vit_tiny/8 with 4 blocks is pretrained with DINO for --steps steps (600 take about 5 minutes
-   on a 2-core CPU), `make demo`'s CPU recipe (batch norm in the head, 64-px global crops, no
-   local crops, out_dim 1024, batch 32, lr 0.0016, teacher momentum 0.99); the random-init
-   backbone is the same network before those steps;
+1. a backbone is pretrained with DINO for --steps steps by `--recipe small` (protloc/recipes.py:
+   vit_tiny/8 with 4 blocks, dataset normalization, KoLeo; 600 steps take about 6 minutes on a
+   2-core CPU); the random-init backbone is the same network before those steps; both view the
+   cells as the recipe records (64 px, the data set's normalization);
 2. both backbones are evaluated on the same folds with protloc's own code and the defaults of
    `protloc finetune`: k-NN (k = 10, DINO's weighted vote, as `protloc knn`), the linear probe on
    frozen embeddings (logistic regression, C by inner cross-validation: the --freeze default), and
@@ -18,7 +18,7 @@ reference; mitochondria 782, cytosol 349):
    the script fits ~20 minutes on 2 cores).
 
 Folds are stratified but not grouped: the 3 genes each have one class, so grouped folds would test
-a class never seen in training (as benchmarks/pretrain_evidence.py). Macro F1 is mean ± std
+a class never seen in training (as benchmarks/real_data_eval.py). Macro F1 is mean ± std
 (population) over folds x seeds. The header records the CPU load, since the machine may be shared.
 """
 
@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protloc.augment import MultiCropConfig
 from protloc.crossval import cross_validate, plan
 from protloc.data import ViewOptions
 from protloc.finetune import FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows
 from protloc.knn import cross_validate as knn_cross_validate
 from protloc.labels import match_rows, read_labels
-from protloc.pretrain import PretrainConfig, Trainer
+from protloc.pretrain import Trainer
+from protloc.recipes import resolve
 from protloc.sources import discover
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,10 +61,9 @@ def scores(runs) -> str:
     return f"{np.mean(f1):.3f} ± {np.std(f1):.3f}"
 
 
-def evaluate(name, backbone, sources, rows, matched, args):
+def evaluate(name, backbone, view, sources, rows, matched, args):
     """k-NN, frozen linear head and full fine-tuning macro F1 of one backbone: {protocol: text}."""
     out, t0 = {}, time.perf_counter()
-    view = ViewOptions(size=SIZE, normalize=backbone.config.normalize)
     ids, x = embed_all(backbone, sources, view, batch_size=64, workers=args.workers)
     assert ids == rows.ids
     knn = knn_cross_validate(x, matched, ks=(10,), folds=args.folds)[0]
@@ -108,22 +107,20 @@ def main():
     print(f"# yeast_crops: {len(rows.ids)} cells {counts}, {SIZE} x {SIZE}, gfp + rfp; {args.folds} stratified folds "
           "(not grouped: one class per gene)")
 
-    crops = MultiCropConfig(global_size=SIZE, local_size=SIZE // 2, local_crops=0)
-    cfg = PretrainConfig(arch="vit_tiny", patch=8, depth=4, out_dim=1024, batch_size=32, lr=0.0016,
-                         momentum_teacher=0.99, warmup_epochs=10.0, warmup_teacher_temp_epochs=0.0,
-                         freeze_last_layer=0.0, use_bn_in_head=True, crops=crops, steps=args.steps)
+    cfg = resolve("small", {"steps": args.steps})
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(sources, cfg, os.path.join(tmp, "dino.pt"), workers=args.workers, checkpoint_every=10**9)
         random_init = copy.deepcopy(trainer.teacher.backbone)  # the starting point of the pretraining
+        view = ViewOptions(size=cfg.embed_size, normalize=cfg.normalize, dataset_stats=trainer.view.dataset_stats)
         t0 = time.perf_counter()
         trainer.run()
         minutes = (time.perf_counter() - t0) / 60
         pretrained = trainer.teacher.backbone
-    print(f"# pretraining: vit_tiny/8 depth 4, {args.steps} DINO steps in {minutes:.1f} min; "
+    print(f"# pretraining: --recipe small, {args.steps} DINO steps in {minutes:.1f} min; "
           f"{os.getloadavg()[0]:.1f} load", flush=True)
 
-    results = {"random-init": evaluate("random-init", random_init, sources, rows, matched, args),
-               f"pretrained ({args.steps} steps)": evaluate("pretrained", pretrained, sources, rows, matched, args)}
+    results = {"random-init": evaluate("random-init", random_init, view, sources, rows, matched, args),
+               f"pretrained ({args.steps} steps)": evaluate("pretrained", pretrained, view, sources, rows, matched, args)}
     protocols = {"knn": f"k-NN, k = 10 ({args.folds} folds)",
                  "frozen": f"frozen linear head ({args.folds} folds x {args.seeds} seeds)",
                  "full": f"full fine-tuning, {args.ft_epochs} epochs ({args.folds} folds x {args.ft_seeds} seeds)"}

@@ -1,7 +1,8 @@
 """Do protloc's self-supervised features beat random weights and raw pixels on real cells?
 
     python benchmarks/real_data_eval.py [--sets synth,yeast,hpa_cells,hpa_dictionary] [--recipe small]
-                                        [--steps 1200] [--out benchmarks/results/real_data_eval_cpu-2core.txt]
+                                        [--steps N] [--out benchmarks/results/real_data_eval_cpu-2core.txt]
+    python benchmarks/real_data_eval.py --sets synth --synth demo/cells --checkpoint demo/dino.pt  # make demo
 
 One table. For each labelled real set in ../shared/data, and for protloc's synthetic cells, three
 kinds of features of the same views, scored on the same folds:
@@ -9,8 +10,10 @@ kinds of features of the same views, scored on the same folds:
     raw         the view's pixels as stored, resized to 16 x 16 per channel, each feature standardized
                 over the set (the baseline any learned feature must beat)
     random      the recipe's ViT at initialization, embedded with the recipe's view
-    pretrained  the same ViT after --steps of DINO pretraining with the recipe on the set's own
-                images (no labels), from that initialization; its minutes are reported
+    pretrained  the same ViT after DINO pretraining with the recipe on the set's own images (no
+                labels), from that initialization: 1200 steps (600 for the two HPA sets, whose
+                views cost more to read), so that each fits 15 minutes on 2 CPU cores; its
+                minutes are reported
 
 Each is scored by protloc's weighted k-NN (k = 5, 10, 20) and by the linear probe of `finetune
 --freeze`: macro F1 of the pooled out-of-fold predictions, and per fold mean ± std (5 folds).
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import os
 import platform
 import tempfile
@@ -48,15 +50,17 @@ import torch
 
 from table import Table  # benchmarks/table.py
 
+from protloc.checkpoint import model_from_checkpoint
 from protloc.crossval import cross_validate as cross_validate_head, plan, summarize
 from protloc.data import ViewOptions, loader, resize, usable
+from protloc.dataset_stats import DatasetStats
 from protloc.embed import embed
 from protloc.finetune import FinetuneConfig, FrozenTask, labelled_rows
 from protloc.folds import scored_classes
 from protloc.knn import cross_validate as cross_validate_knn
 from protloc.labels import match_rows, read_labels
-from protloc.pretrain import Trainer
-from protloc.recipes import resolve
+from protloc.pretrain import Trainer, build_models, recorded_config
+from protloc.recipes import changes, resolve
 from protloc.sources import discover
 from protloc.synth import write_dataset
 
@@ -76,6 +80,7 @@ class EvalSet:
     group_column: str | None = None  # None: stratified folds, not grouped
     channel_suffixes: list[str] | None = None
     tile: int | None = None  # views: tiles of this size, else whole images
+    steps: int = 1200  # pretraining steps: what fits 15 minutes on 2 CPU cores
     pretrain: dict = field(default_factory=dict)  # settings beside the recipe's (the view's geometry)
 
 
@@ -86,11 +91,11 @@ def real_sets(synth_dir: str) -> dict[str, EvalSet]:
                          id_column="protein_file", label_column="control_localization", channel_suffixes=["gfp", "rfp"]),
         "hpa_cells": EvalSet("hpa_cells", [str(SHARED / "hpa_cells")], str(SHARED / "hpa_cells" / "labels.csv"),
                              id_column="protein_file", label_column="hpa_main_location",
-                             channel_suffixes=["blue", "green", "red"]),
+                             channel_suffixes=["blue", "green", "red"], steps=600),
         # a 256-px tile is 10 % of an 820-px field: crops of 4-16 % of the field, at the tiles' scale
         "hpa_dictionary": EvalSet("hpa_dictionary", [str(SHARED / "hpa_dictionary" / "images")],
                                   str(SHARED / "hpa_dictionary" / "labels.csv"), group_column="group", tile=256,
-                                  pretrain={"global_scale": (0.04, 0.16)}),
+                                  steps=600, pretrain={"global_scale": (0.04, 0.16)}),
     }
 
 
@@ -134,53 +139,83 @@ def scores(ids: list[str], x: np.ndarray, s: EvalSet) -> dict:
     return out
 
 
-def evaluate(s: EvalSet, recipe: str, steps: int, workers: int, table: Table, tmp: str) -> None:
+def starting_point(s: EvalSet, sources, recipe: str, steps: int | None, checkpoint: str | None, workers: int,
+                   tmp: str):
+    """(initial backbone, pretrained backbone or a Trainer to produce it, the view, pool).
+
+    With `checkpoint` (a `protloc pretrain` run on the set), its teacher is the pretrained backbone and
+    its initialization is rebuilt from its recorded settings (build_models seeds its first draw)."""
+    if checkpoint is None:
+        cfg = resolve(recipe, {"steps": steps or s.steps, **s.pretrain})
+        trainer = Trainer(sources, cfg, os.path.join(tmp, f"{s.name}.pt"), workers=workers, checkpoint_every=10**9)
+        initial, pretrained, stats = copy.deepcopy(trainer.teacher.backbone), trainer, trainer.view.dataset_stats
+    else:
+        pretrained, ckpt = model_from_checkpoint(checkpoint)
+        cfg = recorded_config(checkpoint, ckpt)
+        recorded = pretrained.config.dataset_stats
+        stats = DatasetStats.from_dict(recorded, checkpoint) if recorded else None
+        initial = build_models(cfg, pretrained.config.channels, stats)[0].backbone
+    opts = ViewOptions(size=cfg.embed_size, tile=s.tile, normalize=cfg.normalize, dataset_stats=stats)
+    return initial, pretrained, opts, cfg
+
+
+def evaluate(s: EvalSet, recipe: str, steps: int | None, checkpoint: str | None, workers: int, table: Table,
+             tmp: str) -> None:
     sources = discover(s.data, channel_suffixes=s.channel_suffixes)
-    cfg = resolve(recipe, {"steps": steps, **s.pretrain})
-    trainer = Trainer(sources, cfg, os.path.join(tmp, f"{s.name}.pt"), workers=workers, checkpoint_every=10**9)
-    initial = copy.deepcopy(trainer.teacher.backbone)  # the pretraining starts from these weights
-    opts = ViewOptions(size=cfg.embed_size, tile=s.tile, normalize=cfg.normalize,
-                       dataset_stats=trainer.view.dataset_stats)
+    initial, pretrained, opts, cfg = starting_point(s, sources, recipe, steps, checkpoint, workers, tmp)
     rows = {"raw": scores(*raw_pixels(sources, s, workers), s),
             "random": scores(*vit_features(initial, sources, opts, cfg.embed_pool, workers), s)}
-    t0 = time.perf_counter()
-    trainer.run()
-    minutes = (time.perf_counter() - t0) / 60
-    rows["pretrained"] = scores(*vit_features(trainer.teacher.backbone, sources, opts, cfg.embed_pool, workers), s)
+    if isinstance(pretrained, Trainer):
+        t0 = time.perf_counter()
+        pretrained.run()
+        note = f"{cfg.steps} steps, {(time.perf_counter() - t0) / 60:.1f} min"
+        pretrained = pretrained.teacher.backbone
+    else:
+        note = f"{cfg.steps} steps: {checkpoint}"
+    rows["pretrained"] = scores(*vit_features(pretrained, sources, opts, cfg.embed_pool, workers), s)
     for kind, row in rows.items():
         cells = "  ".join(f"{p:.3f} {m:.3f}±{sd:.3f}" for p, m, sd in row.values())
-        note = f"{steps} steps, {minutes:.1f} min" if kind == "pretrained" else ""
-        table.add(f"{s.name:<15} {kind:<11} {cells}  {note}")
+        table.add(f"{s.name:<15} {kind:<11} {cells}  {note if kind == 'pretrained' else ''}".rstrip())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="synth,yeast,hpa_cells,hpa_dictionary")
     ap.add_argument("--recipe", default="small")
-    ap.add_argument("--steps", type=int, default=1200, help="pretraining steps per set")
+    ap.add_argument("--steps", type=int, help="pretraining steps of every set (default: each set's own, "
+                    "which fit 15 minutes on 2 CPU cores)")
+    ap.add_argument("--checkpoint", metavar="CKPT", help="score this `protloc pretrain` run on the one set given "
+                    "instead of pretraining (its recorded settings, its initialization rebuilt for random)")
+    ap.add_argument("--synth", metavar="DIR", help="the synth set: this `protloc synth DIR --n 320 --size 96 --seed 0` "
+                    "folder (default: one written to a temporary folder)")
     ap.add_argument("--workers", type=int, default=1, help="loader processes")
     ap.add_argument("--out", help="also write the table to this file, row by row")
     args = ap.parse_args()
-    cfg = resolve(args.recipe, {})
+    names = args.sets.split(",")
+    if args.checkpoint and len(names) != 1:
+        ap.error("--checkpoint scores one set: give --sets NAME")
+    recipe = recorded_config(args.checkpoint).recipe if args.checkpoint else args.recipe
+    changed = ", ".join(f"{k}={v}" for k, v in changes(recipe).items())
     table = Table(args.out)
     table.add(f"# protloc real-data evaluation: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads; recipe {args.recipe} ("
-              + ", ".join(f"{k}={v}" for k, v in sorted(dataclasses.asdict(cfg).items()) if k != "crops") + ")")
+              f"{torch.__version__}, {torch.get_num_threads()} threads; recipe {recipe}"
+              + (f" (the reference's except {changed})" if changed else "")
+              + (f"; {args.checkpoint}" if args.checkpoint else ""))
     table.add(f"# macro F1: pooled out-of-fold, and per fold mean±std ({FOLDS} folds); k-NN (protloc knn, T 0.07) "
               "and the linear probe (finetune --freeze)")
     table.add(f"{'set':<15} {'features':<11} " + "  ".join(f"{c:<19}" for c in [f"k-NN k={k}" for k in KS] + ["probe"]))
     with tempfile.TemporaryDirectory() as tmp:
-        synth_dir = os.path.join(tmp, "synth")
+        synth_dir = args.synth or os.path.join(tmp, "synth")
         sets = real_sets(synth_dir)
-        for name in args.sets.split(","):
+        for name in names:
             s = sets[name]
-            if name == "synth":
+            if name == "synth" and not args.synth:
                 write_dataset(synth_dir, n=320, size=96, seed=0)
             elif not Path(s.labels).is_file():
                 table.add(f"{name:<15} skipped: {s.labels} is missing")
                 continue
             torch.manual_seed(0)
-            evaluate(s, args.recipe, args.steps, args.workers, table, tmp)
+            evaluate(s, recipe, args.steps, args.checkpoint, args.workers, table, tmp)
 
 
 if __name__ == "__main__":

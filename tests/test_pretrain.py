@@ -119,7 +119,7 @@ def test_cli_pretrain_log_then_embed(cells, tmp_path):
     assert run_cli(["embed", cells, "--weights", ckpt, "--workers", "0", "-o", emb]).exit_code == 0
     with np.load(emb) as z:
         assert z["embeddings"].shape == (12, 192)
-        assert json.loads(str(z["meta"]))["normalize"] == "image"
+        assert json.loads(str(z["meta"]))["normalize"] == "dataset"  # recorded by the default recipe, small
     # the run is complete: resuming has nothing to do; a new run needs --force
     again = run_cli(["pretrain", cells, "-o", ckpt, "--resume"])
     assert again.exit_code == 1 and "already complete" in again.stderr

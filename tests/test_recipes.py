@@ -17,6 +17,7 @@ from protloc.classifier import load_classifier
 from protloc.cli import main
 from protloc.cli.pretrain import _config, pretrain_command
 from protloc.data import ViewOptions
+from protloc.dataset_stats import DatasetStats
 from protloc.embed import load_backbone
 from protloc.finetune import embed_all
 from protloc.pretrain import PretrainConfig
@@ -65,22 +66,16 @@ def test_small_resolves_to_the_documented_settings_and_dino_to_the_reference():
         ("vit_tiny", 8, 4, True, 1024, 32)
     assert (small.crops.global_size, small.crops.local_crops, small.lr, small.warmup_epochs) == (64, 0, 0.0016, 10.0)
     assert (small.warmup_teacher_temp_epochs, small.momentum_teacher, small.freeze_last_layer) == (0.0, 0.99, 0.0)
-    assert (small.embed_size, small.embed_pool, small.normalize, small.recipe) == (64, "cls", "image", "small")
+    assert (small.embed_size, small.embed_pool, small.normalize, small.recipe) == (64, "cls", "dataset", "small")
+    assert (small.koleo, small.centering, small.ibot) == (0.3, "center", 0.0)
     assert set(changes("small")) == {"arch", "patch", "depth", "use_bn_in_head", "out_dim", "batch_size", "lr",
                                      "warmup_teacher_temp_epochs", "momentum_teacher", "freeze_last_layer",
-                                     "global_size", "local_crops", "embed_size"}  # the rest is dino's
-    assert resolve("dino", {}) == DINO == PretrainConfig() and DEFAULT == "dino"
-    assert (DINO.out_dim, DINO.crops.local_crops, DINO.embed_size) == (65536, 8, None)
-    assert resolved("--steps", "5") == dataclasses.replace(DINO, steps=5)  # no --recipe: the default one
-
-
-def test_make_demo_trains_as_before_with_recipe_small():
-    """The flags `make demo` gave before --recipe existed resolve to `small` (so its output stays)."""
-    before = resolved(*"--arch vit_tiny --patch 8 --depth 4 --out-dim 1024 --batch-size 32 --global-size 64 "
-                       "--local-crops 0 --lr 0.0016 --warmup-epochs 10 --warmup-teacher-temp-epochs 0 "
-                       "--momentum-teacher 0.99 --freeze-last-layer 0 --use-bn-in-head --steps 600".split())
-    now = resolved("--recipe", "small", "--steps", "600")
-    assert dataclasses.replace(before, recipe="small", embed_size=64) == now
+                                     "global_size", "local_crops", "embed_size", "normalize", "koleo"}  # the rest is dino's
+    assert resolve("dino", {}) == DINO == PretrainConfig() and DEFAULT == "small"
+    assert (DINO.out_dim, DINO.crops.local_crops, DINO.embed_size, DINO.normalize, DINO.koleo) == \
+        (65536, 8, None, "image", 0.0)
+    assert resolved("--steps", "5") == dataclasses.replace(small, steps=5)  # no --recipe: the default one
+    assert resolved("--recipe", "dino", "--steps", "5") == dataclasses.replace(DINO, steps=5)
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -99,9 +94,10 @@ def test_an_explicit_flag_replaces_exactly_its_setting(recipe, args, setting, va
 
 
 def test_help_says_what_each_recipe_sets():
-    text = " ".join(run("pretrain", "--help").output.split())
-    assert "small: for a few hundred to a few hundred thousand images on a CPU or one GPU: dino's except --arch " \
-           "vit_tiny --patch 8 --depth 4 --embed-size 64 --out-dim 1024 --use-bn-in-head --batch-size 32" in text
+    text = " ".join(run("pretrain", "--help").output.split()).replace("- ", "-")  # click wraps at hyphens
+    assert "small (the default): for a few hundred to a few hundred thousand images on a CPU or one GPU: dino's " \
+           "except --arch vit_tiny --patch 8 --depth 4 --normalize dataset --embed-size 64 --out-dim 1024 " \
+           "--use-bn-in-head --batch-size 32" in text and "--koleo 0.3" in text
     assert "DINO head output dimension. Default: the --recipe's: dino 65536, small 1024." in text
     assert "Default: the --recipe's: dino 0 (native), small 64." in text
     assert "Stochastic depth of the student. Default: 0.1 (every --recipe)." in text
@@ -113,8 +109,8 @@ def test_the_checkpoint_records_every_resolved_setting(small_run):
                              "embed_pool": "mean"})
     assert PretrainConfig.from_dict(ckpt["train"]) == want and ckpt["train"]["recipe"] == "small"
     config = ckpt["config"]  # the backbone's: how embed views images with it
-    assert (config["view_size"], config["normalize"], config["pool"], config["dataset_stats"]) == \
-        (64, "image", "mean", None)
+    assert (config["view_size"], config["normalize"], config["pool"]) == (64, "dataset", "mean")
+    assert config["dataset_stats"]["channels"] == ["ch0", "ch1"] and config["dataset_stats"]["of"] == 6
     assert (config["arch"], config["patch"], config["depth"]) == ("vit_tiny", 8, 1)
 
 
@@ -125,12 +121,14 @@ def embedded(path):
 
 def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(images, small_run, tmp_path):
     model, _ = load_backbone(str(small_run), [], ViewOptions())
+    stats = DatasetStats.from_dict(load_checkpoint(small_run)["config"]["dataset_stats"], "ckpt")
+    recorded = ViewOptions(size=64, normalize="dataset", dataset_stats=stats)
     sources = discover([str(images)])
     result = run("embed", images, "--weights", small_run, "--workers", "0", "-o", tmp_path / "rec.npz")
     assert result.exit_code == 0, result.output
     rows, m = embedded(tmp_path / "rec.npz")
-    assert (m["size"], m["normalize"], m["pool"]) == (64, "image", "mean")
-    _, want = embed_all(model, sources, ViewOptions(size=64, normalize="image"), pool="mean", workers=0)
+    assert (m["size"], m["normalize"], m["pool"]) == (64, "dataset", "mean")
+    _, want = embed_all(model, sources, recorded, pool="mean", workers=0)
     np.testing.assert_array_equal(rows, want)
 
     result = run("embed", images, "--weights", small_run, "--workers", "0", "--size", "0", "--pool", "cls",
@@ -146,12 +144,12 @@ def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(i
                  "--folds", "0", "--epochs", "2", "--workers", "0", "-o", head)
     assert result.exit_code == 0, result.output
     clf = load_classifier(head)
-    assert (clf.views["size"], clf.views["normalize"], clf.views["pool"]) == (64, "image", "mean")
+    assert (clf.views["size"], clf.views["normalize"], clf.views["pool"]) == (64, "dataset", "mean")
     assert (clf.checkpoint["config"]["view_size"], clf.checkpoint["config"]["pool"]) == (64, "mean")
     result = run("predict", images, "--weights", head, "--workers", "0", "--size", "32")
     assert result.exit_code == 0, result.output
     probs = np.array([[float(v) for v in line.split("\t")[2:]] for line in result.stdout.splitlines()[1:]])
-    _, x = embed_all(model, sources, ViewOptions(size=32, normalize="image"), pool="mean", workers=0)
+    _, x = embed_all(model, sources, dataclasses.replace(recorded, size=32), pool="mean", workers=0)
     np.testing.assert_allclose(probs, clf.probabilities(x), atol=1e-6)  # the flag's size, the MODEL's pooling
 
     full = tmp_path / "full.pt"  # full fine-tuning: crops and evaluation at the recorded 64 px
