@@ -12,6 +12,7 @@ ships for Linux x86-64), the references serve alone.
 import importlib
 import os
 
+from protloc.errors import ProtlocError
 from protloc.kernels.reference import attention_torch, patch_embed_torch
 
 BACKENDS = ("auto", "triton", "torch")
@@ -27,15 +28,16 @@ for _op in ("patch_embed", "attention"):
 
 
 def backend(op, tensor):
-    """The backend that runs `op` on `tensor`: 'triton' or 'torch'."""
+    """The backend that runs `op` on `tensor`: 'triton' or 'torch'. A PROTLOC_BACKEND the install cannot honour
+    is the user's to fix: ProtlocError."""
     choice = os.environ.get("PROTLOC_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"PROTLOC_BACKEND={choice!r}: expected one of {', '.join(BACKENDS)}")
+        raise ProtlocError(f"PROTLOC_BACKEND={choice!r}: expected one of {', '.join(BACKENDS)}")
     if choice == "torch":
         return "torch"
     if choice == "triton":
         if op not in TRITON_OPS:
-            raise RuntimeError(f"PROTLOC_BACKEND=triton: this install has no Triton kernel for {op} (is triton installed?)")
+            raise ProtlocError(f"PROTLOC_BACKEND=triton: this install has no Triton kernel for {op} (is triton installed?)")
         return "triton"
     return "triton" if op in TRITON_OPS and tensor.is_cuda else "torch"
 

@@ -33,7 +33,6 @@ class EmbedStats:
     channel_maps: set[str] = field(default_factory=set)  # the channel plans used (fused-layout models)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_wait_s: float = 0.0  # time the model sat waiting for the next decoded batch
-    compute_s: float = 0.0
 
 
 def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",
@@ -104,8 +103,7 @@ def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_err
         while True:
             t0 = time.perf_counter()
             batch = next(stream, None)
-            t1 = time.perf_counter()
-            stats.data_wait_s += t1 - t0
+            stats.data_wait_s += time.perf_counter() - t0
             if batch is None:
                 break
             pixels = batch.pixels.to(device, non_blocking=True)
@@ -118,7 +116,6 @@ def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_err
                 vectors = model.embed(pixels, scale, shift, batch.channel_names, pool)
                 stats.channel_maps |= batch.channel_maps
             vectors = vectors.float().cpu().numpy()
-            stats.compute_s += time.perf_counter() - t1
             stats.images += batch.images
             if opts.tile is not None or opts.cells is not None:
                 stats.views += len(batch.ids)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from protloc import kernels
+from protloc.errors import ProtlocError
 from protloc.kernels.reference import attention_torch, patch_embed_torch
 
 
@@ -111,11 +112,11 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("PROTLOC_BACKEND", "torch")
     assert kernels.backend("patch_embed", t) == "torch"
     monkeypatch.setenv("PROTLOC_BACKEND", "cuda-please")
-    with pytest.raises(ValueError, match="PROTLOC_BACKEND"):
+    with pytest.raises(ProtlocError, match="PROTLOC_BACKEND"):
         kernels.backend("attention", t)
     monkeypatch.setenv("PROTLOC_BACKEND", "triton")
     if "attention" not in kernels.TRITON_OPS:
-        with pytest.raises(RuntimeError, match="no Triton kernel"):
+        with pytest.raises(ProtlocError, match="no Triton kernel"):
             kernels.backend("attention", t)
 
 
