@@ -116,9 +116,9 @@ def raw_pixels(sources, s: EvalSet, workers: int) -> tuple[list[str], np.ndarray
     return ids, (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
 
 
-def vit_features(model, sources, opts: ViewOptions, pool: str, workers: int) -> tuple[list[str], np.ndarray]:
+def vit_features(model, sources, opts: ViewOptions, workers: int) -> tuple[list[str], np.ndarray]:
     ids, rows = [], []
-    for batch_ids, vectors in embed(model, sources, opts, pool=pool, workers=workers):
+    for batch_ids, vectors in embed(model, sources, opts, workers=workers):
         ids += batch_ids
         rows.append(vectors)
     return ids, np.concatenate(rows)
@@ -155,7 +155,8 @@ def starting_point(s: EvalSet, sources, recipe: str, steps: int | None, checkpoi
         recorded = pretrained.config.dataset_stats
         stats = DatasetStats.from_dict(recorded, checkpoint) if recorded else None
         initial = build_models(cfg, pretrained.config.channels, stats)[0].backbone
-    opts = ViewOptions(size=cfg.embed_size, tile=s.tile, normalize=cfg.normalize, dataset_stats=stats)
+    opts = ViewOptions(size=cfg.embed_size, tile=s.tile, normalize=cfg.normalize, dataset_stats=stats,
+                       pool=cfg.embed_pool)
     return initial, pretrained, opts, cfg
 
 
@@ -164,7 +165,7 @@ def evaluate(s: EvalSet, recipe: str, steps: int | None, checkpoint: str | None,
     sources = discover(s.data, channel_suffixes=s.channel_suffixes)
     initial, pretrained, opts, cfg = starting_point(s, sources, recipe, steps, checkpoint, workers, tmp)
     rows = {"raw": scores(*raw_pixels(sources, s, workers), s),
-            "random": scores(*vit_features(initial, sources, opts, cfg.embed_pool, workers), s)}
+            "random": scores(*vit_features(initial, sources, opts, workers), s)}
     if isinstance(pretrained, Trainer):
         t0 = time.perf_counter()
         pretrained.run()
@@ -172,7 +173,7 @@ def evaluate(s: EvalSet, recipe: str, steps: int | None, checkpoint: str | None,
         pretrained = pretrained.teacher.backbone
     else:
         note = f"{cfg.steps} steps: {checkpoint}"
-    rows["pretrained"] = scores(*vit_features(pretrained, sources, opts, cfg.embed_pool, workers), s)
+    rows["pretrained"] = scores(*vit_features(pretrained, sources, opts, workers), s)
     for kind, row in rows.items():
         cells = "  ".join(f"{p:.3f} {m:.3f}±{sd:.3f}" for p, m, sd in row.values())
         table.add(f"{s.name:<15} {kind:<11} {cells}  {note if kind == 'pretrained' else ''}".rstrip())

@@ -1,6 +1,5 @@
 """`protloc embed`: images -> embeddings (.npy on stdout by default), ids beside."""
 
-import dataclasses
 import os
 import sys
 import time
@@ -11,10 +10,9 @@ from tqdm import tqdm
 from protloc import __version__, distributed
 from protloc.cells import image_sources
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
-                                 dataset_normalization, device_option, show_progress, view_options)
-from protloc.data import ViewOptions
-from protloc.dataset_stats import recorded
-from protloc.embed import EmbedStats, embed, load_backbone, view_settings
+                                 dataset_normalization, device_option, show_progress, view_from_flags, view_options)
+from protloc.data import ViewOptions, model_view
+from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
 from protloc.embeddings import RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
@@ -69,24 +67,18 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     for path in ([output] if output != "-" else []) + ([ids_path] if ids_path else []):
         check_destination(path, force)
 
+    opts = view_from_flags(ctx)  # what reading images takes before the model (a random one probes their channels)
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
     if cells:
         sources = image_sources(sources, cells)
-    cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
-    opts = ViewOptions(tile=tile, stride=stride, cells=cells, cell_size=cell_size or 128,
-                       mask_outside=bool(mask_outside), border=border or "skip",
-                       channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
-                       channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed, model_channels=model_channels, on_error=on_error)
-    size, normalize, pool = view_settings(model.config, size, normalize, pool)
+    opts = view_from_flags(ctx, ViewOptions.from_record({}, weights, model.config))  # unset: as the model records
     world = distributed.init(device)  # under torchrun: this rank embeds its contiguous share
     try:
-        opts = dataset_normalization(dataclasses.replace(opts, size=size, normalize=normalize),
-                                     model.config.dataset_stats, weights, sources, workers, on_error,
-                                     quiet or not world.is_main)
-        writer, stats, ids, elapsed = _embed_share(ctx, world, model, sources, opts, output, pool, batch_size,
-                                                   workers, on_error, aggregate)
+        opts = dataset_normalization(opts, weights, sources, workers, on_error, quiet or not world.is_main)
+        writer, stats, ids, elapsed = _embed_share(ctx, world, model, sources, opts, output, batch_size, workers,
+                                                   on_error)
     finally:
         distributed.close(world)
     if not world.is_main:
@@ -97,15 +89,9 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
         for plan in sorted(stats.channel_maps):
             click.echo(f"protloc: channels ({opts.channel_strategy}): {plan}", err=True)
 
-    meta = {"protloc": __version__, **model_meta, "pool": pool, "size": size, "normalize": opts.normalize,
-            "dataset_stats": recorded(opts.dataset_stats),
-            "channels": list(channels) if channels else None, "channel_suffixes": channel_suffixes,
-            "z": z, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped],
-            "tile": tile, "stride": stride or tile, "aggregate": aggregate,
-            "cells": cells, "cell_size": cell_size, "mask_outside": mask_outside, "border": border,
-            "channel_strategy": {"strategy": opts.channel_strategy, "fill": opts.fill, "seed": seed,
-                                 "model_channels": model.config.channels if model.config.layout == "fused" else None,
-                                 "plans": sorted(stats.channel_maps)}}
+    record = model_view(opts, model.config).to_record()
+    record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
+    meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped]}
     if tile and not aggregate:  # rows are tiles: where each lies in its image
         meta["tile_origins"] = [m["origin"] for m in stats.view_meta]
     if cells and not aggregate:  # rows are cells: where each lies in its image
@@ -124,7 +110,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
                    + (f"; skipped {len(stats.skipped)}" if stats.skipped else "") + ranks, err=True)
 
 
-def _embed_share(ctx, world, model, sources, opts, output, pool, batch_size, workers, on_error, aggregate):
+def _embed_share(ctx, world, model, sources, opts, output, batch_size, workers, on_error):
     """Embed this rank's share of the sources; on rank 0, every rank's rows in input order.
 
     Returns (writer or None, stats, ids, seconds): the merged results on rank 0."""
@@ -135,21 +121,14 @@ def _embed_share(ctx, world, model, sources, opts, output, pool, batch_size, wor
     share = sources[my_slice(len(sources), world)]
     tmp_dir = os.path.dirname(os.path.abspath(output)) if output != "-" else None
     with tqdm(total=len(share), unit="img", disable=not (world.is_main and show_progress(ctx)), file=sys.stderr) as bar:
-        for batch_ids, vectors in embed(model, share, opts, pool=pool, batch_size=batch_size, device=world.device,
-                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update,
-                                        aggregate=aggregate):
+        for batch_ids, vectors in embed(model, share, opts, batch_size=batch_size, device=world.device,
+                                        workers=workers, on_error=on_error, stats=stats, progress=bar.update):
             if writer is None:
                 writer = RowWriter(vectors.shape[1], tmp_dir=tmp_dir)
             writer.append(vectors)
             ids.extend(batch_ids)
-    info = {"ids": ids, "skipped": stats.skipped, "view_meta": stats.view_meta, "channel_maps": stats.channel_maps,
-            "images": stats.images, "views": stats.views, "data_wait_s": stats.data_wait_s}
-    writer, infos = gather_to_main(world, writer, info)
-    if len(infos) > 1:  # rank 0: the others' bookkeeping after its own, in rank order
+    writer, infos = gather_to_main(world, writer, {"ids": ids, "stats": stats})
+    if infos:  # rank 0: the others' after its own, in rank order
         ids = [i for part in infos for i in part["ids"]]
-        stats.skipped = [s for part in infos for s in part["skipped"]]
-        stats.view_meta = [m for part in infos for m in part["view_meta"]]
-        stats.channel_maps = set().union(*(part["channel_maps"] for part in infos))
-        stats.images, stats.views = sum(p["images"] for p in infos), sum(p["views"] for p in infos)
-        stats.data_wait_s = max(p["data_wait_s"] for p in infos)
+        stats = EmbedStats.merge([part["stats"] for part in infos])
     return writer, stats, ids, time.perf_counter() - start

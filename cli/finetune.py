@@ -1,7 +1,6 @@
 """`protloc finetune`: a localization classifier from labelled images or embeddings, cross-validated."""
 
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -14,23 +13,22 @@ from tqdm import tqdm
 
 from protloc import __version__
 from protloc.cells import image_sources
-from protloc.classifier import VIEW_KEYS, backbone_reference, save_classifier
+from protloc.classifier import save_classifier
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
-                                 dataset_normalization, device_option, show_progress, view_options)
+                                 dataset_normalization, device_option, show_progress, view_from_flags, view_options)
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
 from protloc.crossval import cross_validate, final_split, format_table, plan, summarize
 from protloc.data import ViewOptions
-from protloc.dataset_stats import recorded
 from protloc.device import resolve_device
-from protloc.embed import load_backbone, view_settings
+from protloc.embed import load_backbone
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
-from protloc.finetune import (FinetuneConfig, FrozenTask, FullTask, embed_all, labelled_rows, readable, rows_of,
-                              steps_per_epoch)
+from protloc.finetune import STEP_SETTINGS, FinetuneConfig, check_mode, steps_per_epoch
+from protloc.finetune_setup import labelled_images, prepare_embeddings, prepare_images
 from protloc.folds import check_folds, require_classes, scored_classes
 from protloc.head import BALANCES, HEADS, PROBE_C, PROBE_FOLDS, PROBE_MAX_ITER
-from protloc.labels import images_of, match_rows, read_labels
+from protloc.labels import read_labels
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
 
@@ -38,8 +36,6 @@ from protloc.sources import discover
 log = logging.getLogger("protloc.cli")
 
 NOTHING_WRITTEN = "during fine-tuning; nothing written (fine-tuning has no resume: rerun it)"
-# what the linear probe (a frozen linear head, solved to convergence) does not use
-STEP_OPTIONS = ("epochs", "min_steps", "patience", "lr", "weight_decay", "batch_size", "val_fraction")
 
 
 def _is_embeddings(inputs) -> bool:
@@ -175,24 +171,21 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     if ids_path and not from_embeddings:
         raise click.UsageError("--ids goes with an .npy EMB input")
     freeze = freeze or from_embeddings
-    if not freeze and channel_strategy == "per-channel":
-        raise click.UsageError("--channel-strategy per-channel goes with --freeze (it embeds each channel on its own)")
-    if not freeze and (tile or cells):
-        raise click.UsageError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
     if not freeze and size == 0:
         raise click.UsageError("--size 0 (native size) goes with --freeze (fine-tuning trains on crops of one size)")
-    probe = freeze and head_kind == "linear"
-    unused = [f"--{name.replace('_', '-')}" for name in STEP_OPTIONS
+    opts = view_from_flags(ctx)  # what reading images takes before the model (a random one probes their channels)
+    try:
+        check_mode(freeze, opts)
+    except ProtlocError as e:  # a combination of flags: a usage error
+        raise click.UsageError(str(e)) from None
+    cfg = FinetuneConfig.for_mode(freeze, head_kind, epochs=epochs, min_steps=min_steps, patience=patience, lr=lr,
+                                  weight_decay=weight_decay, batch_size=batch_size, val_fraction=val_fraction,
+                                  balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay)
+    unused = [f"--{name.replace('_', '-')}" for name in STEP_SETTINGS
               if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
-    if probe and unused:
+    if cfg.probe and unused:
         log.warning("%s not used: the frozen linear head is a linear probe solved to convergence (C by inner "
                     "cross-validation); they train the mlp head and fine-tuning", ", ".join(unused))
-    val_fraction = (0.0 if freeze else 0.1) if val_fraction is None or probe else val_fraction
-    cell_size, mask_outside, border = (cell_size or 128, bool(mask_outside), border or "skip") if cells else (None,) * 3
-    cfg = FinetuneConfig(freeze=freeze, head=head_kind, epochs=epochs or (100 if freeze else 30),
-                         min_steps=(500 if freeze else 300) if min_steps is None else min_steps, patience=patience,
-                         lr=lr, weight_decay=weight_decay, batch_size=batch_size or (256 if freeze else 32),
-                         balance=balance, backbone_lr_scale=backbone_lr_scale, layer_decay=layer_decay)
     for path in (output, json_path):
         if path:
             check_destination(path, force)
@@ -201,77 +194,37 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     device = resolve_device(device)
     start = time.perf_counter()
 
-    backbone = None  # a frozen backbone to store in MODEL
     if from_embeddings:
         emb = read_embeddings(inputs[0], ids_path)
         if emb.ids is None:
             raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
-        matched = match_rows(emb.ids, labels, base_dir=emb.meta.get("cwd"),
-                             channel_suffixes=channel_suffixes or emb.meta.get("channel_suffixes"))
-        rows = labelled_rows(matched)
-        cfg = dataclasses.replace(cfg, pool=emb.meta.get("pool") or cfg.pool)  # for the record
-        task = FrozenTask(emb.x[matched.rows], rows, cfg, device)
-        views, backbone_ref = {k: emb.meta.get(k) for k in VIEW_KEYS}, backbone_reference(emb.meta)
-        what = f"head on {emb.x.shape[1]}-d embeddings from {emb.source}"
+        run = prepare_embeddings(emb, labels, cfg, device, channel_suffixes)
     else:
         sources = discover(list(inputs), stdin=sys.stdin if "-" in inputs else None, channel_suffixes=channel_suffixes)
         if cells:
             sources = image_sources(sources, cells)
-        # frozen: the images with a label (their own, or one of their cells' or tiles'), whose rows
-        # are matched to the labels once embedded; fine-tuning: labelled images are the rows
-        image_ids = [s.id for s in sources]
-        matched = match_rows(image_ids, images_of(labels) if freeze else labels, channel_suffixes=channel_suffixes)
-        sources = [sources[r] for r in matched.rows]
-        opts = ViewOptions(tile=tile, stride=stride, cells=cells,
-                           cell_size=cell_size or 128, mask_outside=bool(mask_outside), border=border or "skip",
-                           channels=tuple(channels) if channels else None, z=z, axes=axes, series=series, max_pixels=max_pixels,
-                           channel_strategy=channel_strategy, fill=fill, strategy_seed=seed)
+        sources, matched = labelled_images(sources, labels, freeze, opts.channel_suffixes)
         model, meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
                                     seed=seed, model_channels=model_channels, on_error=on_error)
-        size, normalize, pool = view_settings(model.config, size, normalize, pool)
-        cfg = dataclasses.replace(cfg, size=size or cfg.size, pool=pool)  # fine-tuning: 224 unless given or recorded
-        opts = dataset_normalization(dataclasses.replace(opts, size=size if freeze else cfg.size, normalize=normalize),
-                                     model.config.dataset_stats, weights, sources, workers, on_error, quiet)
-        if freeze:
-            with tqdm(total=len(sources), unit="img", desc="embedding", disable=not show_progress(ctx),
-                      file=sys.stderr) as bar:
-                ids, x = embed_all(model, sources, opts, pool=pool, aggregate=aggregate, batch_size=32, device=device,
-                                   workers=workers, on_error=on_error, progress=bar.update)
-            matched = match_rows(ids, labels, channel_suffixes=channel_suffixes, require_all=False)
-            if not len(matched.rows):
-                raise ProtlocError("no labelled image could be embedded")
-            rows, backbone = labelled_rows(matched), model
-            task = FrozenTask(x[matched.rows], rows, cfg, device)
-            what = f"head on frozen {meta['weights']} embeddings ({model.dim}-d)"
-        else:
-            ok = readable(model, sources, opts, workers, on_error)
-            if not ok:
-                raise ProtlocError("no labelled image could be read")
-            sources = [sources[i] for i in ok]
-            rows = rows_of(labelled_rows(matched), [s.id for s in sources])
-            task = FullTask(model, sources, rows, cfg, opts, device, workers)
-            what = f"fine-tuning {meta['weights']} ({model.config.arch}/{model.config.patch}) at {cfg.size} px"
-        views = {"size": opts.size, "normalize": opts.normalize, "dataset_stats": recorded(opts.dataset_stats),
-                 "pool": pool, "tile": tile, "stride": stride or tile,
-                 "aggregate": aggregate, "channels": list(channels) if channels else None,
-                 "channel_suffixes": channel_suffixes, "z": z, "cells": cells, "cell_size": cell_size,
-                 "mask_outside": mask_outside, "border": border,
-                 "channel_strategy": {"strategy": channel_strategy, "fill": fill, "seed": seed,
-                                      "model_channels": model.config.channels if model.config.layout == "fused" else None}}
-        backbone_ref = meta
+        cfg, opts = cfg.with_view(view_from_flags(ctx, ViewOptions.from_record({}, weights, model.config)))
+        opts = dataset_normalization(opts, weights, sources, workers, on_error, quiet)
+        with tqdm(total=len(sources), unit="img", desc="embedding", disable=not (freeze and show_progress(ctx)),
+                  file=sys.stderr) as bar:
+            run = prepare_images(model, meta, sources, matched, labels, opts, cfg, device, workers, on_error, bar.update)
+    task, rows, cfg = run.task, run.rows, run.cfg
     if not quiet:
         click.echo(f"protloc: {len(rows.ids)} labelled row(s), {len(rows.classes)} classes"
                    f"{' (multi-label)' if rows.multilabel else ''}{', grouped' if rows.groups is not None else ''}; "
-                   f"{cfg.head} {what}", err=True)
+                   f"{cfg.head} {run.what}", err=True)
 
     splits, scored = [], None
     if folds:  # what the folds can measure, before any fitting
         scored = scored_classes(rows.y, rows.groups, rows.classes, labels_path, folds, labels.groups is not None)
-        splits = plan(rows.y, rows.groups, rows.multilabel, folds, seeds, seed, fraction, val_fraction)
+        splits = plan(rows.y, rows.groups, rows.multilabel, folds, seeds, seed, fraction, cfg.val_fraction)
         check_folds(rows.y, [(sp.train, sp.test) for sp in splits], rows.classes, scored)
     else:
         require_classes(rows.y, rows.classes, labels_path)
-    split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, val_fraction) if output else None
+    split = final_split(rows.y, rows.groups, rows.multilabel, seed, fraction, cfg.val_fraction) if output else None
     fits = len(splits) + (output is not None)
     # full fine-tuning stops after its current step on SIGINT / SIGTERM, writing nothing (it has no resume)
     with (contextlib.nullcontext([]) if freeze else stop_after_step() as received,
@@ -299,22 +252,22 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
                 "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,
                 "grouped": rows.groups is not None, "no_groups": no_groups, "folds": folds, "seeds": seeds, "seed": seed,
-                "fraction": fraction, "val_fraction": val_fraction, **cfg.to_dict(),
-                "probe": {"C_grid": list(PROBE_C), "inner_folds": PROBE_FOLDS, "max_iter": PROBE_MAX_ITER} if probe else None}
+                "fraction": fraction, **cfg.to_dict(),
+                "probe": {"C_grid": list(PROBE_C), "inner_folds": PROBE_FOLDS, "max_iter": PROBE_MAX_ITER} if cfg.probe else None}
     if output is not None:
         cv = {k: report[k] for k in ("macro_f1_pooled", "macro_f1", "accuracy")} if report else None
-        save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=views,
-                        backbone_ref=backbone_ref, finetune=settings,
+        save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=run.views,
+                        backbone_ref=run.backbone_ref, finetune=settings,
                         trained_on={"labels": labels_path, "rows": len(rows.ids),
                                     **{k: final[k] for k in ("n_train", "n_val", "best_epoch", "epochs", "C")}},
-                        cv=cv, backbone=fitted.backbone or backbone)
+                        cv=cv, backbone=fitted.backbone or run.backbone)
     if json_path:
         with atomic_path(json_path) as tmp, open(tmp, "w") as f:
             json.dump({"meta": settings, **(report or {}), "final": final}, f, indent=2)
     if report:
         click.echo(format_table(report, folds, seeds))
     if not quiet:
-        if probe:
+        if cfg.probe:
             chosen = f"; linear probe C by inner cross-validation: {_chosen_C(r['C'] for r in report['runs'])}" \
                 if report else ""
             done = chosen + (f"; MODEL {output} (C = {final['C']:.3g})" if final else "")

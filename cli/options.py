@@ -1,15 +1,17 @@
 """Options shared by several commands, declared once."""
 
+import dataclasses
 import logging
 import os
 import sys
 
 import click
+from click.core import ParameterSource
 
 from protloc.channel_map import STRATEGIES, parse_fill
 from protloc.cells import BORDERS
 from protloc.channels import parse_names
-from protloc.data import NORMALIZATIONS
+from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.dataset_stats import with_dataset_stats
 from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
@@ -194,12 +196,38 @@ def cell_options(inherit: str | None = None):
     return decorate
 
 
-def dataset_normalization(opts, recorded: dict | None, where: str, sources, workers: int, on_error: str,
-                          quiet: bool):
-    """`opts` with the data set's statistics for normalize "dataset" (protloc.dataset_stats:
-    those `recorded` in `where`, else estimated over `sources` and reported on stderr in one line
+# click parameter -> the ViewOptions field it sets
+VIEW_FLAGS = {name: name for name in ("size", "normalize", "pool", "tile", "stride", "aggregate", "cells", "cell_size",
+                                      "mask_outside", "border", "channels", "channel_suffixes", "z", "axes", "series",
+                                      "max_pixels", "channel_strategy", "fill", "model_channels")} | {"seed": "strategy_seed"}
+
+
+def view_flags(ctx) -> dict:
+    """The ViewOptions fields set by the flags given on the command line (a flag left at its default
+    sets nothing, so a recorded view keeps its own): the one place flags become a view. --size 0:
+    the native size; --tile 0 (predict): whole images."""
+    given = {field: ctx.params[flag] for flag, field in VIEW_FLAGS.items()
+             if flag in ctx.params and ctx.get_parameter_source(flag) == ParameterSource.COMMANDLINE}
+    for field in ("channels", "channel_suffixes", "model_channels"):
+        if given.get(field) is not None:
+            given[field] = tuple(given[field])
+    if given.get("size") == 0:
+        given["size"] = None
+    if given.get("tile") == 0:
+        given.update(tile=None, stride=None, aggregate=None)
+    return given
+
+
+def view_from_flags(ctx, base: ViewOptions = ViewOptions()) -> ViewOptions:
+    """`base` (the view a model records: ViewOptions.from_record) with the flags given instead."""
+    return dataclasses.replace(base, **view_flags(ctx))
+
+
+def dataset_normalization(opts, where: str, sources, workers: int, on_error: str, quiet: bool):
+    """`opts` with the data set's statistics for normalize "dataset" (protloc.dataset_stats: those
+    it holds, recorded in `where`, else estimated over `sources` and reported on stderr in one line
     unless `quiet`)."""
-    opts, estimated = with_dataset_stats(opts, recorded, where, sources, workers, on_error)
+    opts, estimated = with_dataset_stats(opts, None, where, sources, workers, on_error)
     if estimated is not None and not quiet:
         click.echo(f"protloc: {estimated.describe()}", err=True)
     return opts

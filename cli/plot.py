@@ -1,6 +1,5 @@
 """`protloc plot KIND INPUT... -o FILE`: pictures of what the other commands wrote."""
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -8,7 +7,8 @@ from pathlib import Path
 import click
 
 from protloc import plot_data, plots
-from protloc.cli.options import architecture_options, channel_options, common, dataset_normalization, device_option
+from protloc.cli.options import (architecture_options, channel_options, common, dataset_normalization, device_option,
+                                 view_from_flags)
 from protloc.channels import parse_names
 from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.embeddings import read_embeddings
@@ -154,7 +154,7 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     IMAGE: TIFF files, directories or - (paths on stdin); at most 16 images, one row each."""
     from protloc.attention_maps import attention_maps
     from protloc.device import resolve_device
-    from protloc.embed import load_backbone, view_settings
+    from protloc.embed import load_backbone
     from protloc.sources import discover
 
     fmt = _prepare(output, force)
@@ -162,13 +162,12 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     if len(sources) > MAX_IMAGES:
         raise ProtlocError(f"{images[0]}: {len(sources)} images; an attention figure takes at most "
                            f"{MAX_IMAGES} (one row each)")
-    opts = ViewOptions(channels=tuple(channels) if channels else None, channel_strategy=channel_strategy,
-                       fill=fill, strategy_seed=seed)
+    ctx = click.get_current_context()
+    opts = view_from_flags(ctx)  # what reading images takes before the model (a random one probes their channels)
     model, _ = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout, depth=depth,
                              seed=seed, model_channels=model_channels)
-    size, normalize, _ = view_settings(model.config, size, normalize)
-    opts = dataset_normalization(dataclasses.replace(opts, size=size, normalize=normalize), model.config.dataset_stats,
-                                 weights, sources, 0, "fail", quiet)
+    opts = view_from_flags(ctx, ViewOptions.from_record({}, weights, model.config))  # unset: as the model records
+    opts = dataset_normalization(opts, weights, sources, 0, "fail", quiet)
     maps = attention_maps(model, sources, opts, resolve_device(device))
     c = model.config
     name = "random init" if weights == "random" else os.path.basename(weights)

@@ -1,7 +1,6 @@
 """`protloc predict`: localization predictions of a MODEL from `protloc finetune`, as TSV."""
 
 import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -9,24 +8,19 @@ import tempfile
 import time
 
 import click
-from click.core import ParameterSource
 from tqdm import tqdm
 
 from protloc.cells import image_sources
 from protloc.checkpoint import file_sha256
-from protloc.classifier import load_classifier, resolve_backbone, tsv_header, tsv_rows
+from protloc.classifier import load_classifier, prediction_view, tsv_header, tsv_rows
 from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options, dataset_normalization,
-                                 device_option, show_progress, view_options)
-from protloc.data import ViewOptions
+                                 device_option, show_progress, view_flags, view_options)
 from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
-
-log = logging.getLogger("protloc.cli")
-
 
 @contextlib.contextmanager
 def _open_output(output: str):
@@ -40,19 +34,6 @@ def _open_output(output: str):
         return
     with atomic_path(output) as tmp, open(tmp, "w") as f:
         yield f
-
-
-def _views(ctx, model_views: dict, **given) -> dict:
-    """The MODEL's view settings, each overridden by its flag when given; --tile 0: whole images."""
-    views = dict(model_views)
-    for key, value in given.items():
-        if ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE:
-            views[key] = value
-    if views.get("tile") == 0:
-        views.update(tile=None, stride=None, aggregate=None)
-    if views.get("size") == 0:
-        views.update(size=None)  # native size
-    return views
 
 
 def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
@@ -126,43 +107,18 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
             click.echo(f"protloc: predicted {len(emb.ids)} row(s) of {emb.source}", err=True)
         return
 
-    views = _views(ctx, clf.views, size=size, normalize=normalize, pool=pool, tile=tile, stride=stride,
-                   aggregate=aggregate, channels=list(channels) if channels else None,
-                   channel_suffixes=channel_suffixes, z=z, cell_size=cell_size, mask_outside=mask_outside,
-                   border=border)
-    if cells and ctx.get_parameter_source("tile") != ParameterSource.COMMANDLINE:
-        views.update(tile=None, stride=None)  # cells replace a MODEL's tiles
-    if not cells and views.get("cells"):
-        log.warning("%s was trained on single cells (--cells %s); without --cells whole images are classified",
-                    weights, views["cells"])
-        views.update(aggregate=None)
-    check_views(views["tile"], views["stride"], views["aggregate"], cells, cell_size, mask_outside, border)
-    strategy = {"strategy": "natural", "fill": "zero", "seed": 0, "model_channels": None,
-                **(views.get("channel_strategy") or {})}
-    for key, value in (("strategy", channel_strategy), ("fill", fill), ("model_channels", model_channels)):
-        if value is not None:
-            strategy[key] = value
-    model, _ = resolve_backbone(clf, backbone_path, strategy["model_channels"])
-    sources = discover(list(data), stdin=sys.stdin if "-" in data else None,
-                       channel_suffixes=views["channel_suffixes"])
+    model, opts = prediction_view(clf, view_flags(ctx), backbone_path)
+    check_views(opts.tile, opts.stride, opts.aggregate, cells, cell_size, mask_outside, border)
+    sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=opts.channel_suffixes)
     if cells:
         sources = image_sources(sources, cells)
-    opts = ViewOptions(size=views["size"], tile=views["tile"], stride=views["stride"], cells=cells,
-                       cell_size=views.get("cell_size") or 128, mask_outside=bool(views.get("mask_outside")),
-                       border=views.get("border") or "skip",
-                       normalize=views["normalize"] or model.config.normalize,
-                       channels=tuple(views["channels"]) if views["channels"] else None, z=views["z"] or "max",
-                       axes=axes, series=series, max_pixels=max_pixels, channel_strategy=strategy["strategy"], fill=strategy["fill"],
-                       strategy_seed=strategy["seed"])
-    opts = dataset_normalization(opts, views.get("dataset_stats") or model.config.dataset_stats, weights, sources,
-                                 workers, on_error, quiet)
+    opts = dataset_normalization(opts, weights, sources, workers, on_error, quiet)
     stats, rows = EmbedStats(), 0
     with _open_output(output) as out, tqdm(total=len(sources), unit="img", disable=not show_progress(ctx),
                                             file=sys.stderr) as bar:
         out.write(tsv_header(clf.classes))
-        for ids, vectors in embed(model, sources, opts, pool=views["pool"] or model.config.pool, batch_size=batch_size,
-                                  device=resolve_device(device), workers=workers, on_error=on_error, stats=stats,
-                                  progress=bar.update, aggregate=views["aggregate"]):
+        for ids, vectors in embed(model, sources, opts, batch_size=batch_size, device=resolve_device(device),
+                                  workers=workers, on_error=on_error, stats=stats, progress=bar.update):
             probs = clf.probabilities(vectors)
             out.write(tsv_rows(ids, clf.predicted(probs), probs))
             rows += len(ids)

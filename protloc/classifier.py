@@ -13,10 +13,9 @@ A MODEL is a protloc checkpoint (protloc.checkpoint: plain tensors and data only
       dim              the embedding width the head takes
       classes          class names, in output order
       multilabel       a sigmoid per class (predicted at >= 0.5) instead of a softmax
-      views            how images become model inputs (size, normalize, dataset_stats, pool, tile, stride,
-                       aggregate, channels, channel_suffixes, z, and for single cells the masks
-                       it was trained with, cell_size, mask_outside, border): predict's defaults
-                       (the masks excepted)
+      views            the view record (protloc.data.ViewOptions.to_record: size, normalize,
+                       dataset_stats, pool, tiles, cells, channels, ...): predict's defaults
+                       (prediction_view; the masks of cells excepted)
       backbone         the backbone the head was trained on (for a fine-tuned one: its start):
                        {"included": true, "fine_tuned", "weights", "sha256", ...}, or for a head
                        trained on an embeddings file, from the file's meta: {"included": false,
@@ -43,6 +42,7 @@ import torch
 
 from protloc.checkpoint import (FORMAT, VERSION, file_sha256, load_checkpoint, load_weights, model_from_checkpoint,
                                 save_checkpoint)
+from protloc.data import ViewOptions
 from protloc.errors import ProtlocError
 from protloc.head import Head, probabilities
 from protloc.knn import predict
@@ -50,10 +50,6 @@ from protloc.model import ViTConfig, VisionTransformer
 from protloc.output import atomic_path
 
 log = logging.getLogger(__name__)
-
-VIEW_KEYS = ("size", "normalize", "dataset_stats", "pool", "tile", "stride", "aggregate", "channels", "channel_suffixes", "z",
-             "cells", "cell_size", "mask_outside", "border", "channel_strategy")
-
 
 def backbone_reference(meta: dict) -> dict:
     """What an embeddings file's meta says about the backbone that made it (for a head trained
@@ -68,11 +64,12 @@ def backbone_reference(meta: dict) -> dict:
 def save_classifier(path, head: Head, *, classes: list[str], multilabel: bool, views: dict, backbone_ref: dict,
                     finetune: dict, trained_on: dict, cv: dict | None = None,
                     backbone: VisionTransformer | None = None) -> None:
-    """Write MODEL atomically; with `backbone`, its weights go in as the checkpoint's model, its
-    config recording the view the head was trained with (so embed views images the same way)."""
+    """Write MODEL atomically. `views`: the view record the head was trained with (ViewOptions.to_record,
+    or protloc.data.view_record of an embeddings file's meta). With `backbone`, its weights go in as the
+    checkpoint's model, its config recording that view (so embed views images the same way)."""
     payload = {"head": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "head_kind": head.kind,
                "dim": int(head.mean.numel()), "classes": list(classes), "multilabel": bool(multilabel),
-               "views": {k: views.get(k) for k in VIEW_KEYS},
+               "views": views,
                "backbone": {**backbone_ref, "included": backbone is not None,
                             "fine_tuned": not finetune.get("freeze", True)},
                "finetune": finetune, "trained_on": trained_on, "cv": cv}
@@ -161,6 +158,25 @@ def resolve_backbone(clf: Classifier, backbone_path=None, model_channels=None) -
     if model.dim != clf.dim:
         raise ProtlocError(f"{src}: the head takes {clf.dim}-d embeddings, the backbone makes {model.dim}-d ones")
     return model, {**meta, "config": model.config.to_dict()}
+
+
+def prediction_view(clf: Classifier, given: dict, backbone_path=None) -> tuple[VisionTransformer, ViewOptions]:
+    """The backbone (resolve_backbone) and the view with which predict embeds images for `clf`: the
+    view recorded in MODEL (what it does not record, as the backbone records it), each ViewOptions
+    field in `given` (the flags given) instead. The masks of cells belong to the data and are never
+    inherited: with new ones a MODEL's tiles give way; without any, a MODEL trained on cells
+    classifies whole images (with a warning)."""
+    recorded = ViewOptions.from_record(clf.views, clf.source)
+    model, _ = resolve_backbone(clf, backbone_path, given.get("model_channels", recorded.model_channels))
+    recorded = ViewOptions.from_record(clf.views, clf.source, model.config)
+    view = dataclasses.replace(recorded, cells=None)
+    if given.get("cells") and "tile" not in given:
+        view = dataclasses.replace(view, tile=None, stride=None)
+    if not given.get("cells") and recorded.cells:
+        log.warning("%s was trained on single cells (--cells %s); without --cells whole images are classified",
+                    clf.source, recorded.cells)
+        view = dataclasses.replace(view, aggregate=None)
+    return model, dataclasses.replace(view, **given)
 
 
 def tsv_header(classes: list[str]) -> str:

@@ -96,7 +96,8 @@ def resize(pixels: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewOptions:
-    """How each image becomes a model input."""
+    """How each image becomes rows: read, normalized, viewed (whole, tiles or cells), fitted to the
+    model's channels, pooled. Its record (to_record) travels with embeddings and MODELs."""
     size: int | None = None  # resize each view to size x size; None keeps the native size
     tile: int | None = None  # cut each image into tile x tile tiles (tiles.py); None: the whole image
     stride: int | None = None  # step between tiles; None: the tile size
@@ -106,7 +107,10 @@ class ViewOptions:
     border: str = "skip"  # a cell cut by the image border: skip it, or pad its crop (cells.BORDERS)
     normalize: str = "image"  # NORMALIZATIONS
     dataset_stats: DatasetStats | None = None  # normalize "dataset": the data set's per-channel statistics
+    pool: str = "cls"  # a row from the tokens: the CLS token or the patch tokens' mean (embed.POOLINGS)
+    aggregate: str | None = None  # "mean": one row per image, the mean of its tile or cell rows (tiles.AGGREGATIONS)
     channels: tuple[str, ...] | None = None  # --channels: names (and, for named files, selection)
+    channel_suffixes: tuple[str, ...] | None = None  # one file per channel: how files group into images (sources.py)
     z: str = "max"
     axes: str | None = None
     series: int | None = None  # --series: which of a file's tifffile series (tiff.py); None: the default one
@@ -125,6 +129,59 @@ class ViewOptions:
                  else ("--cell-size", self.cell_size) if self.cells is not None else None)
         if self.patch is not None and fixed is not None and fixed[1] < self.patch:
             raise ProtlocError(f"{fixed[0]} {fixed[1]} is smaller than one {self.patch}x{self.patch} patch of the model")
+
+    def to_record(self) -> dict:
+        """The view as embeddings files (meta) and MODELs (views) record it, JSON-able: what makes a row
+        (how the files were read: axes, series, max_pixels, is the data's, not recorded). Cell crop
+        settings are None without cells; stride is the tile size when not given."""
+        cells = self.cells is not None
+        return {"size": self.size, "normalize": self.normalize,
+                "dataset_stats": self.dataset_stats.to_dict() if self.dataset_stats is not None else None,
+                "pool": self.pool, "tile": self.tile, "stride": self.stride or self.tile, "aggregate": self.aggregate,
+                "channels": _listed(self.channels), "channel_suffixes": _listed(self.channel_suffixes), "z": self.z,
+                "cells": self.cells, "cell_size": self.cell_size if cells else None,
+                "mask_outside": self.mask_outside if cells else None, "border": self.border if cells else None,
+                "channel_strategy": {"strategy": self.channel_strategy, "fill": self.fill, "seed": self.strategy_seed,
+                                     "model_channels": _listed(self.model_channels)}}
+
+    @classmethod
+    def from_record(cls, record: dict, source: str, config=None) -> ViewOptions:
+        """The view a record holds (to_record's, or one written by an earlier protloc: any key may be
+        missing). A size, normalization, statistics or pooling it does not record are the model's
+        (`config`, a ViTConfig: its recipe's, or a MODEL's), else the defaults; a recorded size of None
+        is the native size. `source` names the file in errors (unusable dataset statistics)."""
+        from protloc.dataset_stats import DatasetStats  # that module imports this one
+
+        model = {"size": config.view_size or None, "normalize": config.normalize, "pool": config.pool,
+                 "dataset_stats": config.dataset_stats} if config is not None else {}
+        values = {k: v for k, v in model.items() if v is not None}
+        values.update((k, record[k]) for k in RECORD_KEYS if record.get(k) is not None)
+        if "size" in record:  # recorded None: the native size
+            values["size"] = record["size"]
+        strategy = values.pop("channel_strategy", None) or {}
+        for key, name in (("strategy", "channel_strategy"), ("fill", "fill"), ("seed", "strategy_seed"),
+                          ("model_channels", "model_channels")):
+            if strategy.get(key) is not None:
+                values[name] = strategy[key]
+        if values.get("dataset_stats"):
+            values["dataset_stats"] = DatasetStats.from_dict(values["dataset_stats"], source)
+        for name in ("channels", "channel_suffixes", "model_channels"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+def _listed(names: tuple[str, ...] | None) -> list[str] | None:
+    return list(names) if names else None
+
+
+RECORD_KEYS = tuple(ViewOptions().to_record())
+
+
+def view_record(meta: dict) -> dict:
+    """The view record among an embeddings file's meta, as it stands: a setting it does not record
+    stays None, so that predict takes the backbone's (ViewOptions.from_record)."""
+    return {k: meta.get(k) for k in RECORD_KEYS}
 
 
 def model_view(opts: ViewOptions, config) -> ViewOptions:
@@ -248,6 +305,19 @@ def _cells(item: Item, opts: ViewOptions) -> list[tuple[str, np.ndarray, dict]]:
             else "(the mask is all 0)"
         raise ProtlocError(f"{item.id}: no cell of {path} {why}")
     return [(cell_id(item.id, c.label), c.pixels, c.meta) for c in cells]
+
+
+def view_of(source: Source, fragment: str, opts: ViewOptions) -> Item:
+    """The view behind one row: image `source` read as `opts`, whole (`fragment` ""), or its tile or
+    cell `fragment` (`#tile=K`, `#cell=K`) cut as the loader cut it. The image's warnings are logged;
+    a bad image or a view it does not have raises ProtlocError."""
+    if not fragment:
+        opts = dataclasses.replace(opts, tile=None, cells=None)
+    for view in views(load_item(0, source, opts), opts):
+        usable(view, "fail")
+        if view.id == source.id + fragment:
+            return view
+    raise ProtlocError(f"{source.id}: has no view {fragment} (with the recorded --tile, --stride, --cells)")
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -147,11 +147,14 @@ def estimate(sources: list[Source], opts: ViewOptions, workers: int = 2, on_erro
 def with_dataset_stats(opts: ViewOptions, recorded: dict | None, where: str, sources: list[Source], workers: int = 2,
                        on_error: str = "fail") -> tuple[ViewOptions, DatasetStats | None]:
     """`opts` ready to read images. With normalize "dataset": the statistics `recorded` in `where`
-    (a checkpoint's, a MODEL's or an embeddings file's), else those estimated over `sources`,
+    (a checkpoint's, a MODEL's or an embeddings file's), else those opts holds (read from `where` by
+    ViewOptions.from_record), else those estimated over `sources`,
     which are also returned (for the caller to report); otherwise `opts` without statistics."""
     if opts.normalize != "dataset":
         return dataclasses.replace(opts, dataset_stats=None), None
     if recorded is not None:
         return dataclasses.replace(opts, dataset_stats=DatasetStats.from_dict(recorded, where)), None
+    if opts.dataset_stats is not None:
+        return opts, None
     stats = estimate(sources, opts, workers, on_error)
     return dataclasses.replace(opts, dataset_stats=stats), stats

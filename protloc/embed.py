@@ -34,6 +34,15 @@ class EmbedStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     data_wait_s: float = 0.0  # time the model sat waiting for the next decoded batch
 
+    @classmethod
+    def merge(cls, parts: list[EmbedStats]) -> EmbedStats:
+        """The stats of one run split over processes (protloc.shard), `parts` in rank order: counts
+        summed, rows' meta and skipped images in input order, the longest wait (ranks wait side by side)."""
+        return cls(images=sum(p.images for p in parts), views=sum(p.views for p in parts),
+                   view_meta=[m for p in parts for m in p.view_meta],
+                   channel_maps=set().union(*(p.channel_maps for p in parts)),
+                   skipped=[s for p in parts for s in p.skipped], data_wait_s=max(p.data_wait_s for p in parts))
+
 
 def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",
                   patch=16, layout="fused", depth=12, seed=0, model_channels=None,
@@ -60,29 +69,20 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
     return model, meta
 
 
-def view_settings(config: ViTConfig, size: int | None = None, normalize: str | None = None,
-                  pool: str | None = None) -> tuple[int | None, str, str]:
-    """(size, normalize, pool) to embed with: each one given (not None), else the one the model
-    records (`config`: its pretraining recipe's, or a MODEL's views). Size 0 or None: native size."""
-    size = config.view_size if size is None else size
-    return size or None, normalize or config.normalize, pool or config.pool
-
-
-def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, pool="cls", batch_size=32,
-          device="cpu", workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None,
-          aggregate: str | None = None):
+def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, batch_size=32, device="cpu",
+          workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None):
     """Yield (ids, vectors (B, D) float32) for the sources, in input order: one row per image, or
-    per tile (opts.tile) or cell (opts.cells) (aggregate="mean": one row per image, the mean of its
-    tile or cell vectors).
+    per tile (opts.tile) or cell (opts.cells) (opts.aggregate "mean": one row per image, the mean of
+    its tile or cell vectors), each pooled as opts.pool.
 
     `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch."""
-    if pool not in POOLINGS:
-        raise ValueError(f"unknown pooling {pool!r}")
-    if aggregate is not None and (aggregate not in AGGREGATIONS or (opts.tile is None and opts.cells is None)):
-        raise ValueError(f"aggregate {aggregate!r} needs tiles or cells and one of {AGGREGATIONS}")
+    if opts.pool not in POOLINGS:
+        raise ValueError(f"unknown pooling {opts.pool!r}")
+    if opts.aggregate is not None and (opts.aggregate not in AGGREGATIONS or (opts.tile is None and opts.cells is None)):
+        raise ValueError(f"aggregate {opts.aggregate!r} needs tiles or cells and one of {AGGREGATIONS}")
     stats = stats if stats is not None else EmbedStats()
-    rows = _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress)
-    return mean_per_image(rows) if aggregate == "mean" else rows
+    rows = _embed_views(model, sources, opts, opts.pool, batch_size, device, workers, on_error, stats, progress)
+    return mean_per_image(rows) if opts.aggregate == "mean" else rows
 
 
 def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress):

@@ -53,16 +53,24 @@ from protloc.sources import Source
 MIN_LR = 1e-6  # end of the full fine-tuning cosine, as DINO's
 
 
+# full fine-tuning's settings where they differ from a frozen run's (FinetuneConfig's defaults): a head
+# on frozen features takes more, larger steps and no validation split (a small one picks a noisy epoch)
+FULL_TUNING = {"epochs": 30, "min_steps": 300, "batch_size": 32, "val_fraction": 0.1}
+# the settings of stepwise training, which the linear probe (solved to convergence) does not use
+STEP_SETTINGS = ("epochs", "min_steps", "patience", "lr", "weight_decay", "batch_size", "val_fraction")
+
+
 @dataclass
 class FinetuneConfig:
     freeze: bool = True
-    head: str = "linear"  # frozen: the linear probe, which takes none of the step settings below
+    head: str = "linear"  # frozen: the linear probe, which takes none of the STEP_SETTINGS
     epochs: int = 100
     min_steps: int = 500  # optimizer steps per fit at least (steps_per_epoch)
     patience: int = 20  # epochs without a better validation score before stopping
     lr: float = 1e-3  # the head's; the backbone's is lr * backbone_lr_scale
     weight_decay: float = 0.05  # AdamW, weight matrices only
     batch_size: int = 256
+    val_fraction: float = 0.0  # of each training split, held out for early stopping (0: none, all epochs)
     balance: str = "weight"
     backbone_lr_scale: float = 0.1
     layer_decay: float = 1.0  # 1: every backbone layer at the same learning rate
@@ -70,8 +78,37 @@ class FinetuneConfig:
     pool: str = "cls"  # unless the checkpoint records another
     clip_grad: float = 3.0  # full fine-tuning: global gradient norm clip
 
+    @classmethod
+    def for_mode(cls, freeze: bool, head: str = "linear", **settings) -> FinetuneConfig:
+        """A frozen run's or full fine-tuning's settings: each of `settings` that is not None, else the
+        mode's default (FULL_TUNING). The linear probe holds out no validation rows."""
+        cfg = cls(freeze=freeze, head=head, **{**({} if freeze else FULL_TUNING),
+                                               **{k: v for k, v in settings.items() if v is not None}})
+        return dataclasses.replace(cfg, val_fraction=0.0) if cfg.probe else cfg
+
+    @property
+    def probe(self) -> bool:
+        """The frozen linear head: a linear probe (protloc.head.fit_linear_probe)."""
+        return self.freeze and self.head == "linear"
+
+    def with_view(self, view: ViewOptions) -> tuple[FinetuneConfig, ViewOptions]:
+        """(settings, view) of a run from images: full fine-tuning crops and evaluates at the view's size
+        (the flag's, else the model's) or `size`; a frozen run embeds as `view` says (native size: None)."""
+        cfg = dataclasses.replace(self, size=view.size or self.size, pool=view.pool)
+        return cfg, view if self.freeze else dataclasses.replace(view, size=cfg.size)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_mode(freeze: bool, view: ViewOptions) -> None:
+    """Full fine-tuning trains on crops of whole images, every channel through the model at once."""
+    if freeze:
+        return
+    if view.channel_strategy == "per-channel":
+        raise ProtlocError("--channel-strategy per-channel goes with --freeze (it embeds each channel on its own)")
+    if view.tile is not None or view.cells is not None:
+        raise ProtlocError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
 
 
 @dataclass
@@ -263,8 +300,7 @@ class FullTask:
         if normalize not in NORMALIZE:
             raise ProtlocError(f"full fine-tuning augments images normalized {', '.join(NORMALIZE)}; this run asks "
                                f"for '{normalize}' (use --freeze, or --normalize)")
-        if view.tile is not None or view.cells is not None:
-            raise ProtlocError("--tile and --cells go with --freeze (full fine-tuning trains on crops of whole images)")
+        check_mode(False, view)
         self.start, self.sources, self.rows, self.cfg = backbone, sources, rows, cfg
         self.device, self.workers = torch.device(device), workers
         # on_step(loss, images) after every optimizer step: for progress, and a place to stop (what
@@ -273,7 +309,7 @@ class FullTask:
         # as in pretraining: the loader normalizes (image: scales to ~0..1, augment.py standardizes each crop)
         self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"),
                                               normalize=loader_normalization(normalize))
-        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size), backbone.config)
+        self.eval_view = model_view(dataclasses.replace(view, size=cfg.size, pool=cfg.pool), backbone.config)
         self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
         self.t = targets(rows.y, rows.multilabel)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -353,7 +389,7 @@ class FullTask:
     def _logits(self, backbone, head, rows: np.ndarray) -> torch.Tensor:
         """Logits (rows, classes) on the CPU from the evaluation view of each image."""
         sources = [self.sources[i] for i in rows]
-        _, x = embed_all(backbone, sources, self.eval_view, pool=self.cfg.pool, batch_size=self.cfg.batch_size,
+        _, x = embed_all(backbone, sources, self.eval_view, batch_size=self.cfg.batch_size,
                          device=self.device, workers=self.workers)
         head.eval()
         with torch.no_grad():

@@ -7,6 +7,7 @@ neighbours, the image behind an embedding row) stays testable without matplotlib
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from protloc.channels import canonical
-from protloc.data import ViewOptions, load_item, usable
+from protloc.data import ViewOptions, view_of
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
 from protloc.labels import match_rows, read_labels, split_fragment
@@ -213,7 +214,8 @@ def nearest(x: np.ndarray, row: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def read_view(emb: Embeddings, row: int) -> tuple[np.ndarray, list[str]]:
     """The pixels (C, H, W) float32 and channel names of the image, tile or cell behind a row,
-    re-read from the path in its id (relative to the folder `protloc embed` ran in)."""
+    re-read from the path in its id (relative to the folder `protloc embed` ran in) and cut as the
+    view record in the file's meta says (a cell from its mask, re-read too), as stored (no normalization)."""
     meta = emb.meta
     image, fragment = split_fragment(emb.ids[row])
     suffixes = meta.get("channel_suffixes")
@@ -226,18 +228,14 @@ def read_view(emb: Embeddings, row: int) -> tuple[np.ndarray, list[str]]:
             break
     if missing:
         raise ProtlocError(f"{missing[0]}: no such file (the image of row {emb.ids[row]} of {emb.source})")
-    opts = ViewOptions(normalize="none", channels=tuple(meta["channels"]) if meta.get("channels") else None,
-                       z=meta.get("z") or "max")
-    item = load_item(0, source, opts)
-    usable(item, "fail")  # its warnings logged, its error raised
-    pixels = item.pixels.astype(np.float32)
-    if fragment.startswith("#tile=") and meta.get("tile_origins"):
-        (y, x), t = meta["tile_origins"][row], meta["tile"]
-        pixels = pixels[:, y:y + t, x:x + t]
-    elif fragment.startswith("#cell=") and meta.get("cell_centroids"):
-        cy, cx = meta["cell_centroids"][row]
-        pixels = _crop(pixels, int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5)), meta.get("cell_size") or 128)
-    return pixels, list(item.channel_names)
+    # as embed read it (the record in meta), at native size, as stored, in the file's channels
+    masks = meta.get("cells")
+    if masks and not (os.path.isabs(masks) or masks.startswith("{dir}")):  # relative to where embed ran, as the image
+        masks = os.path.join(base, masks)
+    opts = dataclasses.replace(ViewOptions.from_record(meta, emb.source), size=None, normalize="none",
+                               dataset_stats=None, model_channels=None, cells=masks)
+    view = view_of(source, fragment, opts)
+    return view.pixels.astype(np.float32), list(view.channel_names)
 
 
 def _channel_group(stem: str, suffixes: list[str]) -> Source:
@@ -247,13 +245,3 @@ def _channel_group(stem: str, suffixes: list[str]) -> Source:
         candidates = [f"{stem}_{s}{ext}" for ext in (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".TIF", ".TIFF")]
         files.append(next((f for f in candidates if os.path.exists(f)), candidates[0]))
     return Source(stem, tuple(files), tuple(canonical(s) for s in suffixes))
-
-
-def _crop(pixels: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
-    """The size x size square centred on (cy, cx), zero outside the image (as protloc.cells cuts cells)."""
-    _, height, width = pixels.shape
-    y0, x0 = cy - size // 2, cx - size // 2
-    out = np.zeros((pixels.shape[0], size, size), pixels.dtype)
-    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y0 + size, height), min(x0 + size, width)
-    out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = pixels[:, sy0:sy1, sx0:sx1]
-    return out

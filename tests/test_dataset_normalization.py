@@ -179,7 +179,7 @@ def test_recorded_in_the_checkpoint_and_reused_by_embed_finetune_and_predict(cel
     rows, m = meta(tmp_path / "e.npz")
     assert m["normalize"] == "dataset" and m["dataset_stats"] == recorded
     model, _ = load_backbone(str(ckpt), [], ViewOptions())
-    given = ViewOptions(normalize="dataset", dataset_stats=DatasetStats.from_dict(recorded, "ckpt"))
+    given = ViewOptions(size=m["size"], normalize="dataset", dataset_stats=DatasetStats.from_dict(recorded, "ckpt"))
     subset_sources = discover([str(subset)])
     _, same = embed_all(model, subset_sources, given, workers=0)
     np.testing.assert_array_equal(rows, same)  # the same rows as a run given the same statistics

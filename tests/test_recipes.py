@@ -128,7 +128,7 @@ def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(i
     assert result.exit_code == 0, result.output
     rows, m = embedded(tmp_path / "rec.npz")
     assert (m["size"], m["normalize"], m["pool"]) == (64, "dataset", "mean")
-    _, want = embed_all(model, sources, recorded, pool="mean", workers=0)
+    _, want = embed_all(model, sources, dataclasses.replace(recorded, pool="mean"), workers=0)
     np.testing.assert_array_equal(rows, want)
 
     result = run("embed", images, "--weights", small_run, "--workers", "0", "--size", "0", "--pool", "cls",
@@ -136,7 +136,7 @@ def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(i
     assert result.exit_code == 0, result.output
     rows, m = embedded(tmp_path / "told.npz")
     assert (m["size"], m["normalize"], m["pool"]) == (None, "percentile", "cls")
-    _, want = embed_all(model, sources, ViewOptions(normalize="percentile"), pool="cls", workers=0)  # native 40 px
+    _, want = embed_all(model, sources, ViewOptions(normalize="percentile", pool="cls"), workers=0)  # native 40 px
     np.testing.assert_array_equal(rows, want)
 
     head = tmp_path / "head.pt"
@@ -149,7 +149,7 @@ def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(i
     result = run("predict", images, "--weights", head, "--workers", "0", "--size", "32")
     assert result.exit_code == 0, result.output
     probs = np.array([[float(v) for v in line.split("\t")[2:]] for line in result.stdout.splitlines()[1:]])
-    _, x = embed_all(model, sources, dataclasses.replace(recorded, size=32), pool="mean", workers=0)
+    _, x = embed_all(model, sources, dataclasses.replace(recorded, size=32, pool="mean"), workers=0)
     np.testing.assert_allclose(probs, clf.probabilities(x), atol=1e-6)  # the flag's size, the MODEL's pooling
 
     full = tmp_path / "full.pt"  # full fine-tuning: crops and evaluation at the recorded 64 px
