@@ -195,9 +195,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     start = time.perf_counter()
 
     if from_embeddings:
-        emb = read_embeddings(inputs[0], ids_path)
-        if emb.ids is None:
-            raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        emb = read_embeddings(inputs[0], ids_path, need_ids=True)
         run = prepare_embeddings(emb, labels, cfg, device, channel_suffixes)
     else:
         sources = discover(list(inputs), stdin=sys.stdin if "-" in inputs else None, channel_suffixes=channel_suffixes)

@@ -8,7 +8,6 @@ import click
 
 from protloc.cli.options import common
 from protloc.embeddings import read_embeddings
-from protloc.errors import ProtlocError
 from protloc.knn import cross_validate, format_table, results_to_json
 from protloc.labels import match_rows, read_labels
 from protloc.output import atomic_path, check_destination
@@ -71,9 +70,7 @@ def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_gro
                          group_column=None if no_groups else group_column)
     runs, records = [], []
     for emb in embs:
-        emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None)
-        if emb_file.ids is None:
-            raise ProtlocError(f"{emb_file.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None, need_ids=True)
         suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
         matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
         if not quiet:

@@ -95,9 +95,7 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
     clf = load_classifier(weights)
     start = time.perf_counter()
     if len(data) == 1 and data[0].lower().endswith((".npy", ".npz")):
-        emb = read_embeddings(data[0], ids_path)
-        if emb.ids is None:
-            raise ProtlocError(f"{emb.source}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
+        emb = read_embeddings(data[0], ids_path, need_ids=True)
         _check_embeddings_backbone(clf, emb.meta, emb.source)
         probs = clf.probabilities(emb.x)
         with _open_output(output) as out:

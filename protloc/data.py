@@ -154,20 +154,15 @@ class ViewOptions:
 
         model = {"size": config.view_size or None, "normalize": config.normalize, "pool": config.pool,
                  "dataset_stats": config.dataset_stats} if config is not None else {}
-        values = {k: v for k, v in model.items() if v is not None}
-        values.update((k, record[k]) for k in RECORD_KEYS if record.get(k) is not None)
+        values = {k: v for k, v in [*model.items(), *((k, record.get(k)) for k in RECORD_KEYS)] if v is not None}
         if "size" in record:  # recorded None: the native size
             values["size"] = record["size"]
-        strategy = values.pop("channel_strategy", None) or {}
-        for key, name in (("strategy", "channel_strategy"), ("fill", "fill"), ("seed", "strategy_seed"),
-                          ("model_channels", "model_channels")):
-            if strategy.get(key) is not None:
-                values[name] = strategy[key]
+        strategy = values.pop("channel_strategy", {})
+        values.update((name, strategy[key]) for key, name in (("strategy", "channel_strategy"), ("fill", "fill"),
+                      ("seed", "strategy_seed"), ("model_channels", "model_channels")) if strategy.get(key) is not None)
         if values.get("dataset_stats"):
             values["dataset_stats"] = DatasetStats.from_dict(values["dataset_stats"], source)
-        for name in ("channels", "channel_suffixes", "model_channels"):
-            if name in values:
-                values[name] = tuple(values[name])
+        values.update((k, tuple(values[k])) for k in ("channels", "channel_suffixes", "model_channels") if k in values)
         return cls(**values)
 
 

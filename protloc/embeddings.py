@@ -84,10 +84,10 @@ class Embeddings:
     source: str
 
 
-def read_embeddings(path: str, ids_path: str | None = None, stdin=None) -> Embeddings:
+def read_embeddings(path: str, ids_path: str | None = None, stdin=None, need_ids: bool = False) -> Embeddings:
     """Read an embeddings file ("-": an .npy or .npz from `stdin`, buffered) and check it: a 2-D
-    array of finite values, one unique id per row (from `ids_path`, else the .npz's own).
-    Raises ProtlocError naming the file."""
+    array of finite values, one unique id per row (from `ids_path`, else the .npz's own; with
+    `need_ids`, a file without them is refused). Raises ProtlocError naming the file."""
     name = "<stdin>" if path == "-" else path
     try:
         data = np.load(io.BytesIO(stdin.read()) if path == "-" else path, allow_pickle=False)
@@ -115,6 +115,8 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None) -> Embed
         ids = read_ids(ids_path)
     if ids is not None:
         _check_ids(ids, ids_path or name, x.shape[0])
+    elif need_ids:
+        raise ProtlocError(f"{name}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz")
     return Embeddings(x, ids, meta, name)
 
 
