@@ -1,4 +1,4 @@
-"""Cross-validation folds and what they can measure: groups, measurable classes, splits, scores.
+"""Cross-validation folds and what they can measure: groups, measurable classes, splits.
 
 Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protloc.crossval):
 
@@ -10,12 +10,7 @@ Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protlo
                 unmeasurable: their rows still train, but test rows of them are not scored and no
                 macro F1 averages them in (a warning names them); if no class is measurable the
                 evaluation is refused before any fitting
-    scores      macro F1 over the scored classes a set of test rows holds in its truth, and
-                accuracy (multi-label: subset accuracy, all labels of a row right), on the test
-                rows that carry a scored class
-
-Out-of-fold predictions pooled over all folds are scored the same way: every row is tested once,
-so the pooled macro F1 averages every scored class; a fold's macro F1 only those in its truth.
+    splits      k folds, stratified (single-label) and grouped; scoring them is protloc.metrics
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import numpy as np
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from protloc.errors import ProtlocError
-from protloc.labels import strip_fragment
+from protloc.ids import image_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +35,7 @@ def evaluation_groups(ids: list[str], label_groups) -> np.ndarray | None:
     are whole images without groups (each row on its own)."""
     if label_groups is not None:
         return np.asarray(label_groups)
-    images = [strip_fragment(i) for i in ids]
+    images = [image_of(i) for i in ids]
     return np.asarray(images) if images != list(ids) else None
 
 
@@ -153,34 +148,3 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
             yield train, test
     except ValueError as e:  # e.g. more folds than members of every class
         raise ProtlocError(f"cannot make {folds} folds of these labels: {e}") from None
-
-
-def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> np.ndarray:
-    """(n_classes,) F1 of each class from 0/1 indicator matrices (n, n_classes), on the rows that
-    carry a `scored` class (default: all classes); NaN for classes not scored, 0 for a scored class
-    with neither true nor predicted rows (scikit-learn's zero_division=0)."""
-    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
-    kept = t[:, scored].any(1)  # a row of an unscored class is not scored: its prediction is no false positive
-    t, p = t[kept], p[kept]
-    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
-    denominator = 2 * tp + fp + fn
-    return np.where(scored, np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0), np.nan)
-
-
-def metrics(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> tuple[float, float] | None:
-    """(macro F1, accuracy) of 0/1 indicator predictions (n, n_classes), or None when no row is scored.
-
-    Only the `scored` classes count (default: all): rows carrying none of them are left out, and
-    predictions of other classes count only as misses. Macro F1 averages the per-class F1 of the
-    scored classes the kept rows hold in their truth (never a class absent from it); accuracy is
-    the share of kept rows whose scored labels are all right (single-label: the right class;
-    multi-label: subset accuracy). Plain numpy: it also runs every epoch of early stopping."""
-    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
-    kept = t[:, scored].any(1)
-    if not kept.any():
-        return None
-    f1 = per_class_f1(t, p, scored)[scored & t[kept].any(0)]
-    accuracy = (t[kept][:, scored] == p[kept][:, scored]).all(1).mean()
-    return float(f1.mean()), float(accuracy)
