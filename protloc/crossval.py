@@ -32,8 +32,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
 
 from protloc.errors import ProtlocError
-from protloc.folds import splits
-from protloc.metrics import metrics, per_class_f1, predict
+from protloc.folds import metrics, per_class_f1, predict, splits
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ def cross_validate(task, y: np.ndarray, multilabel: bool, split_list: list[Split
     """Fit and test `task` on every split. `task.fit(train, val, seed, on_epoch)` returns a fitted
     model with `.best_epoch`, `.epochs` and `.C` (protloc.finetune.Fitted); `task.predict(fitted,
     rows)` its (rows, classes) probabilities. Each run is scored on the `scored` classes
-    (protloc.metrics.metrics; default all). Returns the runs and, per seed, the pooled out-of-fold
+    (protloc.folds.metrics; default all). Returns the runs and, per seed, the pooled out-of-fold
     probabilities."""
     runs, pooled = [], {}
     for sp in split_list:

@@ -42,12 +42,11 @@ from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view,
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
-from protloc.folds import evaluation_groups
+from protloc.folds import evaluation_groups, metrics, predict
 from protloc.head import (EarlyStopping, Head, epoch_batches, fit_linear_probe, loss_function, probabilities,
                            sample_weights, targets)
 from protloc.ids import image_of
 from protloc.labels import Matched
-from protloc.metrics import metrics, predict
 from protloc.model import VisionTransformer
 from protloc.sources import Source
 

@@ -1,6 +1,7 @@
-"""Cross-validation folds and what they can measure: groups, measurable classes, splits.
+"""Cross-validation and its scores: groups, measurable classes, splits, the decision rule, macro F1.
 
-Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protloc.crossval):
+Used by `protloc knn` (k folds and leave-one-out), `protloc finetune` (protloc.crossval, early stopping,
+the linear probe's choice of C) and, for its decision rule, `protloc predict`:
 
     groups      the labels' group column (a protein or gene: never on both sides of a split); with
                 `--no-groups` or without the column, each image (its tiles and cells stay
@@ -10,7 +11,14 @@ Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protlo
                 unmeasurable: their rows still train, but test rows of them are not scored and no
                 macro F1 averages them in (a warning names them); if no class is measurable the
                 evaluation is refused before any fitting
-    splits      k folds, stratified (single-label) and grouped; scoring them is protloc.metrics
+    decision    per row, the classes whose score (k-NN vote share, head probability) is >= 0.5
+                (multi-label), or the top class (single-label, and a multi-label row none reaches)
+    scores      macro F1 over the scored classes a set of test rows holds in its truth, and
+                accuracy (multi-label: subset accuracy, all labels of a row right), on the test
+                rows that carry a scored class
+
+Out-of-fold predictions pooled over all folds are scored the same way: every row is tested once,
+so the pooled macro F1 averages every scored class; a fold's macro F1 only those in its truth.
 """
 
 from __future__ import annotations
@@ -148,3 +156,52 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
             yield train, test
     except ValueError as e:  # e.g. more folds than members of every class
         raise ProtlocError(f"cannot make {folds} folds of these labels: {e}") from None
+
+
+def predict(scores: np.ndarray, multilabel: bool) -> np.ndarray:
+    """(n, n_classes) uint8 indicator predictions from (n, n_classes) scores (k-NN vote shares,
+    head probabilities).
+
+    Single-label: the top class. Multi-label: every class with a score >= 0.5, or the top one if
+    none reaches it (each image has at least one localization).
+    """
+    scores = np.asarray(scores)
+    top = np.zeros(scores.shape, dtype=np.uint8)
+    top[np.arange(len(scores)), scores.argmax(1)] = 1
+    if not multilabel:
+        return top
+    pred = (scores >= 0.5).astype(np.uint8)
+    empty = pred.sum(1) == 0
+    pred[empty] = top[empty]
+    return pred
+
+
+def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> np.ndarray:
+    """(n_classes,) F1 of each class from 0/1 indicator matrices (n, n_classes), on the rows that
+    carry a `scored` class (default: all classes); NaN for classes not scored, 0 for a scored class
+    with neither true nor predicted rows (scikit-learn's zero_division=0)."""
+    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    kept = t[:, scored].any(1)  # a row of an unscored class is not scored: its prediction is no false positive
+    t, p = t[kept], p[kept]
+    tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+    denominator = 2 * tp + fp + fn
+    return np.where(scored, np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0), np.nan)
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> tuple[float, float] | None:
+    """(macro F1, accuracy) of 0/1 indicator predictions (n, n_classes), or None when no row is scored.
+
+    Only the `scored` classes count (default: all): rows carrying none of them are left out, and
+    predictions of other classes count only as misses. Macro F1 averages the per-class F1 of the
+    scored classes the kept rows hold in their truth (never a class absent from it); accuracy is
+    the share of kept rows whose scored labels are all right (single-label: the right class;
+    multi-label: subset accuracy). Plain numpy: it also runs every epoch of early stopping."""
+    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    scored = np.ones(t.shape[1], dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    kept = t[:, scored].any(1)
+    if not kept.any():
+        return None
+    f1 = per_class_f1(t, p, scored)[scored & t[kept].any(0)]
+    accuracy = (t[kept][:, scored] == p[kept][:, scored]).all(1).mean()
+    return float(f1.mean()), float(accuracy)

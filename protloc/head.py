@@ -8,7 +8,7 @@ the same head together with the backbone. Two heads:
     mlp      D -> 512 -> 256 -> classes, ReLU and dropout 0.5 after each hidden layer
 
 Single-label tasks use softmax cross-entropy, multi-label tasks (labels `a;b`) a sigmoid per
-class with binary cross-entropy; a class is predicted at probability >= 0.5 (protloc.metrics.predict).
+class with binary cross-entropy; a class is predicted at probability >= 0.5 (protloc.folds.predict).
 Class balance, for a macro F1 that weighs rare classes as much as common ones:
 
     weight   the loss weighs class c by n / (n_classes * n_c) (multi-label: positives of c by
@@ -44,8 +44,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from protloc.errors import ProtlocError
-from protloc.folds import splits
-from protloc.metrics import metrics, predict
+from protloc.folds import metrics, predict, splits
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +259,7 @@ def _inner_folds(y: np.ndarray, groups, multilabel: bool, seed: int) -> tuple[li
 
 def _choose_C(z, y, groups, multilabel: bool, balance: str, seed: int) -> tuple[float, int, bool]:
     """(C, inner folds, grouped): the PROBE_C value whose pooled out-of-fold predictions score the
-    highest macro F1 (protloc.metrics.metrics), ties broken by the lower log loss, then the smaller
+    highest macro F1 (protloc.folds.metrics), ties broken by the lower log loss, then the smaller
     C, as EarlyStopping picks an epoch. Every inner fold fits the C path from the smallest C up,
     each fit warm-started from the previous one, its class balance from its own rows."""
     folds, grouped = _inner_folds(y, groups, multilabel, seed)

@@ -61,24 +61,11 @@ def check_image_id(image_id: str) -> None:
                            "of another image; rename the file")
 
 
-def is_tiff(path: str) -> bool:
-    return path.lower().endswith(TIFF_EXTENSIONS)
-
-
-def is_ome(path: str) -> bool:
-    return path.lower().endswith(OME_EXTENSIONS)
-
-
-def split_extension(path: str) -> tuple[str, str]:
-    """'d/X_gfp.ome.tif' -> ('d/X_gfp', '.ome.tif'); a path without a TIFF extension -> (path, '')."""
+def stem(path: str) -> str:
+    """The path without its TIFF extension: 'd/X_gfp.OME.TIF' -> 'd/X_gfp'; another path as it is."""
     lower = path.lower()
     ext = next((e for e in OME_EXTENSIONS + TIFF_EXTENSIONS if lower.endswith(e)), "")
-    return path[:len(path) - len(ext)], path[len(path) - len(ext):]
-
-
-def stem(path: str) -> str:
-    """The path without its TIFF extension: 'd/X.ome.tiff' -> 'd/X'."""
-    return split_extension(path)[0]
+    return path[:len(path) - len(ext)]
 
 
 def file_stem(image_id: str) -> str:
@@ -87,14 +74,13 @@ def file_stem(image_id: str) -> str:
 
 
 def group_stem(path: str, suffixes: list[str]) -> tuple[str, int] | None:
-    """A file of a one-file-per-channel image -> (the group's stem, the index of its suffix):
-    'd/X_gfp.tif', ['rfp', 'gfp'] -> ('d/X', 1). Suffixes match in any case, the longest first
-    (with 'rfp' and 'b_rfp', 'a_b_rfp.tif' is the 'b_rfp' file of 'a'); None when the name ends
-    in none of them, or is nothing but the longest that fits. A name without a TIFF extension loses its own."""
-    base = stem(path) if is_tiff(path) else os.path.splitext(path)[0]
-    tails = ["_" + s.lower() for s in suffixes]
-    k = next((i for i in sorted(range(len(tails)), key=lambda i: -len(tails[i])) if base.lower().endswith(tails[i])),
-             None)
-    if k is None or len(os.path.basename(base)) == len(tails[k]):
+    """A file of a one-file-per-channel image -> (its group's stem, the index of its suffix):
+    'd/X_gfp.tif', ['rfp', 'gfp'] -> ('d/X', 1). Suffixes match in any case; None when the name
+    ends in none of them, or is nothing but one. A name without a TIFF extension loses its own."""
+    base = stem(path) if path.lower().endswith(TIFF_EXTENSIONS) else os.path.splitext(path)[0]
+    matching = [i for i, s in enumerate(suffixes) if base.lower().endswith("_" + s.lower())]
+    if not matching:
         return None
-    return base[:-len(tails[k])], k
+    k = max(matching, key=lambda i: len(suffixes[i]))  # with 'rfp' and 'b_rfp', 'a_b_rfp' is the 'b_rfp' of 'a'
+    cut = len(suffixes[k]) + 1
+    return None if len(os.path.basename(base)) == cut else (base[:-cut], k)

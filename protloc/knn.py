@@ -4,7 +4,7 @@ The classifier is DINO's (Caron et al. 2021, `eval_knn.py`): embeddings are L2-n
 most cosine-similar training items vote for their label(s), each with weight exp(sim / T).
 It has no parameters to fit, so it measures what the embedding itself knows. Here it is
 cross-validated (k folds, stratified and grouped, or leave-one-out; protloc.folds) and scored
-with macro F1 (protloc.metrics), the metric of the protein-localization literature.
+with macro F1, the metric of the protein-localization literature.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from protloc.errors import ProtlocError
-from protloc.folds import check_folds, evaluation_groups, scored_classes, splits
+from protloc.folds import check_folds, evaluation_groups, metrics, predict, scored_classes, splits
 from protloc.labels import Matched
-from protloc.metrics import metrics, predict
 
 log = logging.getLogger(__name__)
 

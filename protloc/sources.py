@@ -24,7 +24,7 @@ from typing import TextIO
 
 from protloc.channels import canonical
 from protloc.errors import ProtlocError
-from protloc.ids import check_image_id, group_stem, is_ome, is_tiff
+from protloc.ids import OME_EXTENSIONS, TIFF_EXTENSIONS, check_image_id, group_stem
 from protloc.ome import read_ome_xml
 from protloc.tiff import DEFAULT_MAX_PIXELS, Image, read_channel_files, read_tiff
 
@@ -84,7 +84,7 @@ def _expand(path: str) -> list[str]:
             # hidden folders are pruned, and folders met before (a link back up would never end)
             dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
             found += [os.path.join(root, n) for n in names
-                      if not n.startswith(".") and is_tiff(n)]
+                      if not n.startswith(".") and n.lower().endswith(TIFF_EXTENSIONS)]
         if not found:
             raise ProtlocError(f"{path}: no .tif/.tiff files under this directory")
         # sort by path components, so a folder's files stay together ('a/x' before 'a-b/x')
@@ -97,7 +97,7 @@ def _expand(path: str) -> list[str]:
 def _without_companions(files: list[str]) -> list[str]:
     """The files less those whose multi-file OME-TIFF image another input reads (see the module doc)."""
     real = os.path.realpath
-    xml = {f: read_ome_xml(f) if is_ome(f) else None for f in files}
+    xml = {f: read_ome_xml(f) if f.lower().endswith(OME_EXTENSIONS) else None for f in files}
     # a BinaryOnly file is read by whichever input (its master, renamed or not) spreads its image over it
     read_by_others = {real(p) for f, ome in xml.items() if ome is not None and ome.master() is None
                       for p in ome.partners(f)}

@@ -26,9 +26,8 @@ from protloc.cli import main
 from protloc.crossval import cross_validate, plan, summarize
 from protloc.errors import ProtlocError
 from protloc.finetune import FinetuneConfig, FrozenTask, LabelledRows
-from protloc.folds import check_folds, scored_classes, splits
+from protloc.folds import check_folds, metrics, scored_classes, splits
 from protloc.labels import read_labels
-from protloc.metrics import metrics
 
 TINY = ["--weights", "random", "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--workers", "0"]
 

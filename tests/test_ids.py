@@ -1,4 +1,4 @@
-"""Row ids and stems (protloc/ids.py), and the decision rule and scores (protloc/metrics.py)."""
+"""Row ids and stems (protloc/ids.py), and the decision rule and scores (moved to protloc/folds.py)."""
 
 import json
 
@@ -13,10 +13,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from protloc.cells import find_mask
 from protloc.cli import main
 from protloc.errors import ProtlocError
-from protloc.ids import (cell_id, check_image_id, file_stem, group_stem, image_of, is_ome, is_tiff, parse,
-                         split_extension, split_fragment, stem, tile_id)
+from protloc.folds import metrics, per_class_f1, predict
+from protloc.ids import (cell_id, check_image_id, file_stem, group_stem, image_of, parse, split_fragment, stem,
+                         tile_id)
 from protloc.labels import match_rows, read_labels
-from protloc.metrics import metrics, per_class_f1, predict
 from protloc.sources import discover
 from protloc.tiles import mean_per_image
 
@@ -56,11 +56,8 @@ def test_a_hash_in_a_file_name_is_part_of_the_name():
 
 
 def test_stems_and_extensions():
-    assert split_extension("d/X_gfp.OME.TIF") == ("d/X_gfp", ".OME.TIF")
-    assert split_extension("d/a.ome.tiff") == ("d/a", ".ome.tiff") and split_extension("d/a.png") == ("d/a.png", "")
+    assert stem("d/X_gfp.OME.TIF") == "d/X_gfp" and stem("d/a.ome.tiff") == "d/a" and stem("d/a.png") == "d/a.png"
     assert stem("d/a.b.Tiff") == "d/a.b" and file_stem("d/a#1.ome.tif") == "a#1" and file_stem("d/X") == "X"
-    assert is_tiff("a.TIFF") and is_tiff("a.ome.tif") and not is_tiff("a.tif.gz")
-    assert is_ome("a.OME.tiff") and not is_ome("a.tif")
     assert group_stem("d/X_GFP.tif", ["rfp", "gfp"]) == ("d/X", 1)
     assert group_stem("d/a_b_rfp.ome.tif", ["rfp", "b_rfp"]) == ("d/a", 1)  # the longest suffix wins
     assert group_stem("d/a_rfp.png", ["rfp"]) == ("d/a", 0)  # a file named outside TIFF loses its own extension
