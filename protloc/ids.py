@@ -1,16 +1,10 @@
 """Row ids and stems: how an embedding row names its image, tile or cell, and a file name its image.
 
-An image's id is its file's path as given (normalized), or, for a one-file-per-channel image,
-the group stem `dir/X` of `dir/X_gfp.tif` and `dir/X_rfp.tif`. A row of `protloc embed` is an
-image (its id), a tile (`ID#tile=K`, the K-th tile in tile order, protloc/tiles.py) or a cell
-(`ID#cell=K`, mask label K, protloc/cells.py). Only such a fragment at the very end of a row id
-is one: a `#` elsewhere is part of the file name (`a#1.tif#tile=0` is tile 0 of `a#1.tif`). An
-image id that itself ends like a fragment would be misread as a tile or cell of another image,
-so it is refused (`check_image_id`).
-
-A file's stem is its path without its TIFF extension (.tif, .tiff, .ome.tif, .ome.tiff, any
-case; the longest that fits, so `a.ome.tif` -> `a`); its file stem the stem's last component,
-the `{stem}` of `--cells` patterns.
+An image's id is its file's path as given (normalized), or the stem `dir/X` of a one-file-per-
+channel image (`dir/X_gfp.tif`, `dir/X_rfp.tif`). A tile's row is `ID#tile=K` (tile order,
+protloc/tiles.py), a cell's `ID#cell=K` (mask label K, protloc/cells.py). Only a fragment at the
+very end is one: `a#1.tif#tile=0` is tile 0 of `a#1.tif`; an image id ending like one is refused.
+A stem is a path less its TIFF extension (.tif, .tiff, .ome.tif, .ome.tiff, any case).
 """
 
 from __future__ import annotations
