@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from protloc.channel_map import apply_plan, plan_channels
-from protloc.cells import cell_id, cut_cells, find_mask, read_mask
+from protloc.cells import cut_cells, find_mask, read_mask
 from protloc.channels import select_channels
 from protloc.errors import ProtlocError
+from protloc.ids import cell_id, tile_id
 from protloc.sources import Source, read_source
 from protloc.tiff import DEFAULT_MAX_PIXELS
-from protloc.tiles import tile_id, tile_origins
+from protloc.tiles import tile_origins
 
 if TYPE_CHECKING:
     from protloc.dataset_stats import DatasetStats

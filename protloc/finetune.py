@@ -42,11 +42,11 @@ from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view,
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
-from protloc.folds import evaluation_groups, metrics
+from protloc.folds import evaluation_groups, metrics, predict
 from protloc.head import (EarlyStopping, Head, epoch_batches, fit_linear_probe, loss_function, probabilities,
                            sample_weights, targets)
-from protloc.knn import predict
-from protloc.labels import Matched, strip_fragment
+from protloc.ids import image_of
+from protloc.labels import Matched
 from protloc.model import VisionTransformer
 from protloc.sources import Source
 
@@ -94,7 +94,7 @@ def labelled_rows(matched: Matched) -> LabelledRows:
 def rows_of(labelled: LabelledRows, ids: list[str]) -> LabelledRows:
     """Rows `ids` (the labelled images themselves, or their tiles) with their image's labels."""
     index = {image: k for k, image in enumerate(labelled.ids)}
-    take = [index[strip_fragment(i)] for i in ids]
+    take = [index[image_of(i)] for i in ids]
     groups = labelled.groups[take] if labelled.groups is not None else None
     return LabelledRows(list(ids), labelled.y[take], evaluation_groups(list(ids), groups), labelled.classes,
                         labelled.multilabel)

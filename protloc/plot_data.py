@@ -19,7 +19,8 @@ from protloc.channels import canonical
 from protloc.data import ViewOptions, load_item, usable
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
-from protloc.labels import match_rows, read_labels, split_fragment
+from protloc.ids import CELL, OME_EXTENSIONS, TILE, TIFF_EXTENSIONS, parse, split_fragment
+from protloc.labels import match_rows, read_labels
 from protloc.sources import Source
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def read_view(emb: Embeddings, row: int) -> tuple[np.ndarray, list[str]]:
     """The pixels (C, H, W) float32 and channel names of the image, tile or cell behind a row,
     re-read from the path in its id (relative to the folder `protloc embed` ran in)."""
     meta = emb.meta
-    image, fragment = split_fragment(emb.ids[row])
+    image, view, _ = parse(emb.ids[row])
     suffixes = meta.get("channel_suffixes")
     # relative to where embed ran; failing that, to here (the folder was moved, or shared along with its images)
     for base in dict.fromkeys([meta.get("cwd") or os.getcwd(), os.getcwd()]):
@@ -231,10 +232,10 @@ def read_view(emb: Embeddings, row: int) -> tuple[np.ndarray, list[str]]:
     item = load_item(0, source, opts)
     usable(item, "fail")  # its warnings logged, its error raised
     pixels = item.pixels.astype(np.float32)
-    if fragment.startswith("#tile=") and meta.get("tile_origins"):
+    if view == TILE and meta.get("tile_origins"):
         (y, x), t = meta["tile_origins"][row], meta["tile"]
         pixels = pixels[:, y:y + t, x:x + t]
-    elif fragment.startswith("#cell=") and meta.get("cell_centroids"):
+    elif view == CELL and meta.get("cell_centroids"):
         cy, cx = meta["cell_centroids"][row]
         pixels = _crop(pixels, int(np.floor(cy + 0.5)), int(np.floor(cx + 0.5)), meta.get("cell_size") or 128)
     return pixels, list(item.channel_names)
@@ -244,7 +245,8 @@ def _channel_group(stem: str, suffixes: list[str]) -> Source:
     """The one-file-per-channel image `stem` (`stem_gfp.tif`, `stem_rfp.tif`, ...), as `protloc embed` grouped it."""
     files = []
     for s in suffixes:
-        candidates = [f"{stem}_{s}{ext}" for ext in (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".TIF", ".TIFF")]
+        extensions = TIFF_EXTENSIONS + OME_EXTENSIONS + tuple(e.upper() for e in TIFF_EXTENSIONS)
+        candidates = [f"{stem}_{s}{ext}" for ext in extensions]
         files.append(next((f for f in candidates if os.path.exists(f)), candidates[0]))
     return Source(stem, tuple(files), tuple(canonical(s) for s in suffixes))
 
