@@ -143,6 +143,12 @@ class Block(nn.Module):
         return x
 
 
+def no_scaling(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale 1 and shift 0, each (B, C), for pixels (B, C, H, W) that arrive normalized (crops)."""
+    ones = torch.ones(pixels.shape[:2], device=pixels.device)
+    return ones, torch.zeros_like(ones)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()

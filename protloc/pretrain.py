@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import MultiCropConfig, loader_normalization, multi_crop
+from protloc.augment import MultiCropConfig, crop_view, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import ImageDataset, ViewOptions, decoded, model_view, probe_channels, usable
+from protloc.data import ViewOptions, index_batches, on_device, probe_channels, usable
+from protloc.device import autocast
 from protloc.dataset_stats import DatasetStats, recorded, with_dataset_stats
 from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
@@ -167,14 +168,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def backbone_config(cfg: PretrainConfig, channels: list[str], dataset_stats: DatasetStats | None = None) -> ViTConfig:
+    """The run's backbone, which records how embed is to view images (normalization, its statistics, size, pooling)."""
+    return ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
+                     normalize=cfg.normalize, dataset_stats=recorded(dataset_stats),
+                     view_size=cfg.embed_size, pool=cfg.embed_pool, drop_path=cfg.drop_path,
+                     mask_token=cfg.ibot > 0)
+
+
 def build_models(cfg: PretrainConfig, channels: list[str],
                  dataset_stats: DatasetStats | None = None) -> tuple[DINOModel, DINOModel]:
-    """Student and teacher with the same initial weights; the teacher has no stochastic depth.
-    Their config records how embed is to view images (normalization, its statistics, size, pooling)."""
-    vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
-                    normalize=cfg.normalize, dataset_stats=recorded(dataset_stats),
-                    view_size=cfg.embed_size, pool=cfg.embed_pool, drop_path=cfg.drop_path,
-                    mask_token=cfg.ibot > 0)
+    """Student and teacher (backbone_config) with the same initial weights; the teacher has no stochastic depth."""
+    vit = backbone_config(cfg, channels, dataset_stats)
     torch.manual_seed(cfg.seed)
     head = dict(out_dim=cfg.out_dim, norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn_in_head)
     student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, **head))
@@ -211,20 +216,17 @@ class Trainer:
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
         self.cfg = cfg
         view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
-                                   series=cfg.series)
+                                   series=cfg.series, normalize=cfg.normalize)
         channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view, on_error)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         if cfg.koleo and cfg.batch_size < 2:
             raise ProtlocError("--koleo spreads the features of a process's batch apart: it needs --batch-size 2 or more")
-        # the loader decodes and normalizes (image: scales to ~0..1, augment.py standardizes the crops)
-        view = dataclasses.replace(view, size=None, normalize=loader_normalization(cfg.normalize),
-                                   same_channels=tuple(channels) if cfg.layout == "channel" else None)
-        view, self.dataset_stats_estimated = with_dataset_stats(
-            view, ckpt["config"].get("dataset_stats") if ckpt is not None else None, self.output, sources, workers,
-            on_error)
-        self.student, self.teacher = build_models(cfg, channels, view.dataset_stats)
-        # every image is checked against the model on its own (patch, channels)
-        self.view = model_view(view, self.student.backbone.config)
+        # every image is checked against the model on its own (patch, channels), the data set's
+        # statistics (normalize "dataset") estimated over the images as training reads them
+        self.view, self.dataset_stats_estimated = with_dataset_stats(
+            crop_view(view, backbone_config(cfg, channels), channels),
+            ckpt["config"].get("dataset_stats") if ckpt is not None else None, self.output, sources, workers, on_error)
+        self.student, self.teacher = build_models(cfg, channels, self.view.dataset_stats)
         self.skipped: set[str] = set()  # images reported as skipped (once, not every epoch)
         if cfg.use_bn_in_head and world.size > 1 and world.device.type == "cuda":
             # batch statistics over the whole batch, as DINO does; SyncBatchNorm runs on GPUs only,
@@ -260,32 +262,24 @@ class Trainer:
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
                     if world.size > 1 else None)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
 
     def batches(self, stop):
-        dataset = ImageDataset(self.sources, self.view)
         sampler = StepBatches(len(self.sources), self.cfg.batch_size, self.world, self.cfg.seed,
                               self.step, stop, self.schedules.steps_per_epoch)
-        if self.workers == 0:
-            return ([dataset[i] for i in idx] for idx in sampler)
-        return decoded(dataset, self.workers, batch_sampler=sampler, collate_fn=list, prefetch_factor=2)
+        return index_batches(self.sources, self.view, sampler, self.workers)
 
     def images(self, items):
         """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
         (reported the first time they are met)."""
-        out, names = [], []
+        kept = []
         for item in items:
             if item.error is not None and item.id in self.skipped:
                 continue
-            if not usable(item, self.on_error):
+            if usable(item, self.on_error):
+                kept.append(item)
+            else:
                 self.skipped.add(item.id)
-                continue
-            x = torch.from_numpy(item.pixels).to(self.world.device).float()
-            scale, shift = (torch.from_numpy(a).to(self.world.device) for a in (item.scale, item.shift))
-            out.append(x * scale[:, None, None] + shift[:, None, None])
-            names = list(item.channel_names)
-        return out, names
+        return on_device(kept, self.world.device)
 
     def train_step(self, items) -> dict | None:
         """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
@@ -317,8 +311,8 @@ class Trainer:
         """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
         global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
         cfg = self.cfg
-        protein = names.index("protein") if "protein" in names else None
-        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed), protein)
+        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed),
+                                               protein_channel(names))
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
         masks = None
@@ -339,7 +333,7 @@ class Trainer:
                 group["weight_decay"] = float(sched.weight_decay[step])
         student = self.ddp or self.student
         temp = sched.teacher_temp[step]
-        with self.autocast:
+        with autocast(self.world.device):
             teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
             student_out = student(crops, names, cfg.pack, masks)
             loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)
