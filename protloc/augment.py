@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from protloc.data import ViewOptions, model_view
 from protloc.model import ViTConfig
+from protloc.setting import setting
 
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the crop boxes, as torchvision's RandomResizedCrop
 NORMALIZE = ("image", "percentile", "dataset")
@@ -56,11 +57,11 @@ def protein_channel(channel_names) -> int | None:
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    global_size: int = 224
-    local_size: int = 96
-    local_crops: int = 8  # 0: no local crops
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_size: int = setting(224, "Global crop size (2 per image).", min=16)
+    local_size: int = setting(96, "Local crop size.", min=16)
+    local_crops: int = setting(8, "Local crops per image.", min=0)
+    global_scale: tuple[float, float] = setting((0.4, 1.0), "Area range of global crops.")
+    local_scale: tuple[float, float] = setting((0.05, 0.4), "Area range of local crops.")
     flips: bool = True  # random horizontal/vertical flips and 90-degree rotations
     brightness: float = 0.3  # per crop and channel: x * U(1-b, 1+b)
     contrast: float = 0.3  # per crop and channel: (x - mean) * U(1-c, 1+c) + mean
@@ -68,7 +69,8 @@ class MultiCropConfig:
     blur: tuple[float, float, float] = (1.0, 0.1, 0.5)  # blur probability: global 1, global 2, each local
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # DINO's, in pixels of a 224-px crop: scaled to the crop size
     noise: float = 0.05  # prob 0.5 per crop: + N(0, 1) * U(0, noise) * (crop channel std)
-    channel_dropout: float = 0.0  # per crop and channel; never the protein channel, never all channels
+    channel_dropout: float = setting(  # per crop and channel; never all channels
+        0.0, "Probability of zeroing a channel of a crop (never the protein channel).", min=0, max=1)
     normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile", "dataset": leave as is
 
     def __post_init__(self):

@@ -36,6 +36,7 @@ ARCHS = {  # name -> (embedding dim, heads); depth 12 and MLP ratio 4 for all, a
     "vit_base": (768, 12),
 }
 LAYOUTS = ("fused", "channel")
+PATCHES = (8, 16)  # patch sizes in pixels, those of DINO's ViTs
 
 
 @dataclass
@@ -60,8 +61,8 @@ class ViTConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ProtlocError(f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHS)}")
-        if self.patch not in (8, 16):
-            raise ProtlocError(f"patch size {self.patch} not supported; use 8 or 16")
+        if self.patch not in PATCHES:
+            raise ProtlocError(f"patch size {self.patch} not supported; use {' or '.join(map(str, PATCHES))}")
         if self.layout not in LAYOUTS:
             raise ProtlocError(f"unknown token layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
 

@@ -28,27 +28,31 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import MultiCropConfig, crop_view, multi_crop, protein_channel
+from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import ViewOptions, index_batches, on_device, probe_channels, usable
+from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, probe_channels, usable
 from protloc.device import autocast
-from protloc.dataset_stats import DatasetStats, recorded, with_dataset_stats
-from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
+from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
+from protloc.dino import (CENTERINGS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
+from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
 from protloc.model import ViTConfig, VisionTransformer
+from protloc.setting import setting
 from protloc.sources import Source
 
 log = logging.getLogger(__name__)
+PERCENT = "{:g}-{:g}%".format(*PERCENTILES)  # the range that normalize "percentile" and "dataset" map to 0-1
 
 
 @dataclass
 class PretrainConfig:
     """Everything that defines a run, how the images are read and how embed views them included;
     stored in its checkpoints (a resumed run keeps it). The defaults are the DINO reference's
-    (Caron et al. 2021, main_dino.py, for ViTs): the `dino` recipe (protloc.recipes)."""
+    (Caron et al. 2021, main_dino.py, for ViTs): the `dino` recipe (protloc.recipes). A field
+    declared with `setting` has a `protloc pretrain` flag of its name (protloc.setting)."""
     recipe: str = "dino"  # the recipe the settings started from (protloc.recipes)
     arch: str = "vit_small"
     patch: int = 16
@@ -59,38 +63,57 @@ class PretrainConfig:
     z: str = "max"  # z projection (protloc.tiff)
     axes: str | None = None  # axes of every file; None: from metadata or shape
     series: int | None = None  # the series of files that hold several (protloc.tiff); None: the first full one
-    normalize: str = "image"  # of the crops (augment.NORMALIZE), and embed's default
-    embed_size: int | None = None  # the view size embed, finetune and predict use with the checkpoint; None: native
-    embed_pool: str = "cls"  # the pooling they use (protloc.embed.POOLINGS)
-    drop_path: float = 0.1
-    out_dim: int = 65536
+    normalize: str = setting(  # of the crops, and embed's default
+        "image", f"Crops standardized with their whole image's channel mean / std (image), or its {PERCENT} range "
+        f"mapped to 0-1 (percentile), or the data set's {PERCENT} range per channel mapped to 0-1 (dataset: keeps "
+        f"brightness differences between images; estimated from a sample of up to {MAX_IMAGES} images, reported "
+        "on stderr); recorded in the checkpoint, so embed uses the same.", choices=NORMALIZE)
+    embed_size: int | None = setting(
+        None, "The view size (0: native) that embed, finetune and predict use with this checkpoint unless given "
+        "--size.", min=0, metavar="SIZE", zero_is_none=True)
+    embed_pool: str = setting("cls", "The pooling that embed, finetune and predict use with this checkpoint "
+                              "unless given --pool.", choices=POOLINGS)
+    drop_path: float = setting(0.1, "Stochastic depth of the student.", min=0, max=1, max_open=True)
+    out_dim: int = setting(65536, "DINO head output dimension.", min=2)
     norm_last_layer: bool = True
-    use_bn_in_head: bool = False  # DINO's default for ViTs; short runs on small data want it (see DINOHead)
-    batch_size: int = 64  # per process
-    steps: int | None = None  # length: steps, or epochs over the data
-    epochs: int | None = None
-    lr: float = 5e-4  # at a total batch of 256, scaled linearly
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # 0: no clipping
-    freeze_last_layer: float = 1.0  # epochs with the head's last layer frozen
-    momentum_teacher: float = 0.996
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30.0
+    use_bn_in_head: bool = setting(  # DINO's default for ViTs; short runs on small data want it (see DINOHead)
+        False, "Batch norm in the DINO head's hidden layers (DINO's --use_bn_in_head): short runs on small data "
+        "learn much sooner.", flag="--use-bn-in-head/--no-bn-in-head")
+    batch_size: int = setting(64, "Images per step and process.", min=1)
+    steps: int | None = setting(None, "Length of the run in optimizer steps.", min=1)  # or epochs over the data
+    epochs: int | None = setting(None, "Length of the run in passes over the data.", min=1)
+    lr: float = setting(5e-4, "Peak learning rate at a total batch of 256 (scaled linearly).", min=0)
+    min_lr: float = setting(1e-6, "Learning rate at the end of the cosine.", min=0)
+    warmup_epochs: float = setting(10.0, "Linear learning-rate warm-up.", min=0)
+    weight_decay: float = setting(0.04, "Weight decay at the start (cosine to --weight-decay-end).", min=0)
+    weight_decay_end: float = setting(0.4, "Weight decay at the end.", min=0)
+    clip_grad: float = setting(3.0, "Per-parameter gradient norm clip (0: no clipping, as in DINO).", min=0)
+    freeze_last_layer: float = setting(1.0, "Epochs with the head's last layer frozen.", min=0)
+    momentum_teacher: float = setting(0.996, "Teacher EMA momentum (cosine to 1).", min=0, max=1)
+    warmup_teacher_temp: float = setting(0.04, "Teacher temperature at the start.", min=0, min_open=True)
+    teacher_temp: float = setting(0.04, "Teacher temperature after warm-up (DINO's recipe for longer runs: "
+                                  "0.07).", min=0, min_open=True)
+    warmup_teacher_temp_epochs: float = setting(30.0, "Teacher temperature warm-up.", min=0)
     student_temp: float = 0.1
     center_momentum: float = 0.9
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
-    pack: bool = True  # all crops in one transformer pass (False: one pass per crop size, like DINO)
-    seed: int = 0
+    pack: bool = setting(True, "Run the transformer once per crop size (DINO's way) instead of one packed pass.",
+                         flag="--no-pack")
+    seed: int = setting(0, "Seed of initialization, data order and augmentation.")
     # DINOv2 / iBOT ingredients (protloc.dinov2), all off by default: the run is then DINO's as above
-    koleo: float = 0.0  # weight of KoLeo on the student's global-crop CLS features (DINOv2: 0.1)
-    centering: str = "center"  # teacher targets: running-mean "center" (DINO) or "sinkhorn" (DINOv2)
-    ibot: float = 0.0  # weight of iBOT's masked-patch loss (DINOv2: 1.0)
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a masked global crop's patches masked (DINOv2's)
-    mask_prob: float = 0.5  # share of the global crops masked (DINOv2's)
+    koleo: float = setting(0.0, "Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global "
+                           "crop away from its nearest neighbour in the batch, spreading features apart (DINOv2: "
+                           "0.1; 0: off).", min=0, metavar="W")
+    centering: str = setting("center", "Teacher targets: softmax after subtracting a running mean (center, DINO) or "
+                             "Sinkhorn-Knopp (sinkhorn, DINOv2), which gives every output dimension an equal share "
+                             "of each batch.", choices=CENTERINGS)
+    ibot: float = setting(0.0, "Weight of iBOT's masked-patch loss: the student sees some global crops with blocks "
+                          "of patches replaced by a learned mask token and predicts the teacher's outputs there "
+                          "(DINOv2: 1.0; 0: off).", min=0, metavar="W")
+    mask_ratio: tuple[float, float] = setting((0.1, 0.5), "With --ibot: range of the share of a masked crop's "
+                                              "patches that are masked (DINOv2's).", metavar="LOW,HIGH")
+    mask_prob: float = setting(0.5, "With --ibot: share of the global crops that are masked (DINOv2's).",
+                               min=0, max=1, min_open=True)
 
     def __post_init__(self):  # the crops are normalized as the run's images: one setting
         if self.crops.normalize != self.normalize:
