@@ -123,7 +123,7 @@ def _option(name: str, field: dataclasses.Field):
             return click.option(flag, name, default=None, help=text)
         return click.option(flag, name, flag_value=False, default=None, help=meta["help"])
     if typing.get_origin(kind) is tuple:
-        return click.option(flag, name, callback=_pair, metavar=meta.get("metavar"), help=text)
+        return click.option(flag, name, default=None, callback=_pair, metavar=meta.get("metavar"), help=text)
     bounds = {k: meta[k] for k in ("min", "max", "min_open", "max_open") if k in meta}
     number = int if int in (typing.get_args(kind) or (kind,)) else float
     kind = (click.Choice(meta["choices"]) if "choices" in meta else
