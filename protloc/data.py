@@ -327,6 +327,26 @@ def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None
         yield _collate(pending)
 
 
+def on_device(items: list[Item], device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+    """Decoded images for training: each one's pixels (C, H, W) float32 on `device` with its
+    normalization applied (x * scale + shift), and their channel names ([] for no items)."""
+    images = []
+    for item in items:
+        x = torch.from_numpy(item.pixels).to(device).float()
+        scale, shift = (torch.from_numpy(a).to(device) for a in (item.scale, item.shift))
+        images.append(x * scale[:, None, None] + shift[:, None, None])
+    return images, list(items[0].channel_names) if items else []
+
+
+def index_batches(sources: list[Source], opts: ViewOptions, index_lists, workers: int):
+    """The Items (whole images) of each list of source indices in `index_lists` (an iterable, e.g.
+    a batch sampler), decoded by `workers` processes (0: in this process) ahead of use."""
+    dataset = ImageDataset(sources, opts)
+    if workers == 0:
+        return ([dataset[i] for i in idx] for idx in index_lists)
+    return decoded(dataset, workers, batch_sampler=index_lists, collate_fn=list)
+
+
 def loader(sources: list[Source], opts: ViewOptions, workers: int):
     """Items (views: whole images, tiles or cells) in input order, decoded by `workers` processes
     (0: in this process) ahead of use."""

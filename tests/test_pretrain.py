@@ -130,8 +130,8 @@ def test_cli_pretrain_log_then_embed(cells, tmp_path):
 
 def test_init_from_a_protloc_checkpoint(cells, tmp_path):
     first = tmp_path / "first.pt"
-    assert run_cli(["pretrain", cells, "-o", first, "--steps", "1", *TINY_FLAGS]).exit_code == 0
-    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1}), tmp_path / "second.pt",
+    assert run_cli(["pretrain", cells, "-o", first, "--steps", "1", *TINY_FLAGS, "--depth", "1"]).exit_code == 0
+    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1, "depth": 1}), tmp_path / "second.pt",
                       workers=0, init=str(first))
     torch.testing.assert_close(trainer.student.backbone.state_dict()["pos_embed"],
                                load_checkpoint(first)["model"]["pos_embed"])
