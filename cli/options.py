@@ -15,7 +15,7 @@ from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.dataset_stats import with_dataset_stats
 from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
-from protloc.model import ARCHS, LAYOUTS
+from protloc.model import ARCHS, LAYOUTS, PATCHES, ViTConfig
 from protloc.tiles import AGGREGATIONS
 from protloc.tiff import DEFAULT_MAX_PIXELS, Z_PROJECTIONS
 
@@ -253,17 +253,17 @@ def architecture_options(of: str, recipe_default=None):
         return (None, recipe_default(name)) if recipe_default else (own, text)
 
     def decorate(f):
-        value, text = default("depth", 12, " DINO's ViTs have 12.")
+        value, text = default("depth", ViTConfig.depth, f" DINO's ViTs have {ViTConfig.depth}.")
         f = click.option("--depth", type=click.IntRange(min=1), default=value,
                          help=f"Transformer blocks of {of}.{text}")(f)
-        value, text = default("layout", "fused", "")
+        value, text = default("layout", ViTConfig.layout, "")
         f = click.option("--layout", type=click.Choice(LAYOUTS), default=value,
                          help=f"Token layout of {of}: one token per patch from all channels (fused), "
                               f"or one per channel and patch (channel).{text}")(f)
-        value, text = default("patch", "16", "")
-        f = click.option("--patch", type=click.Choice(["8", "16"]), default=value,
+        value, text = default("patch", ViTConfig.patch, "")
+        f = click.option("--patch", type=click.Choice(PATCHES), default=value,
                          help=f"Patch size of {of}.{text}")(f)
-        value, text = default("arch", "vit_small", "")
+        value, text = default("arch", ViTConfig.arch, "")
         return click.option("--arch", type=click.Choice(list(ARCHS)), default=value,
                             help=f"Architecture of {of}.{text}")(f)
     return decorate

@@ -33,7 +33,7 @@ plot embedding $D/dino.npz --labels $LABELS --method tsne -o docs/embedding.png 
 cells=($D/cells/field_00004.tif $D/cells/field_00020.tif $D/cells/field_00036.tif $D/cells/field_00000.tif)
 # both at the 64 px the checkpoint records (--recipe small), as embed views the fields
 plot attention "${cells[@]}" --weights $D/dino.pt -o docs/attention.png --dpi 80
-plot attention "${cells[@]}" --weights random --arch vit_tiny --patch 8 --depth 4 --size 64 --normalize dataset -o docs/attention_random.png --dpi 80
+plot attention "${cells[@]}" --weights random --arch vit_tiny --patch 8 --depth 4 --size 64 -o docs/attention_random.png --dpi 80
 
 plot neighbours $D/dino.npz --query $D/cells/field_00036.tif --labels $LABELS -k 6 -o docs/neighbours.png
 

@@ -10,7 +10,7 @@ rotations (a cell has no "up"). Per crop, in this order:
 
 Normalization "image" standardizes each crop with the statistics of its whole image, as
 `protloc embed` standardizes whole images, so pretraining and embedding see one distribution.
-"percentile" and "dataset" images arrive normalized (by the loader: `loader_normalization`) and
+"percentile" and "dataset" images arrive normalized (by the loader: `crop_view`) and
 their crops are left as they are, so a dim image stays dim.
 (Per-crop statistics would erase what differs between crops, such as a crop of a bright cell
 vs one of background, and leave a random-init network with nearly identical outputs for every
@@ -24,30 +24,44 @@ box); everything after it runs once on the stacked crops of one size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from protloc.data import ViewOptions, model_view
+from protloc.model import ViTConfig
+from protloc.setting import setting
+
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the crop boxes, as torchvision's RandomResizedCrop
 NORMALIZE = ("image", "percentile", "dataset")
 
 
-def loader_normalization(normalize: str) -> str:
-    """How the loader normalizes images before multi_crop, for crops normalized `normalize`:
-    "image" crops are standardized here (with their whole image's statistics), so the loader
-    only brings pixels to ~0..1 for the intensity jitter; the others arrive as they stay."""
-    return "percentile" if normalize == "image" else normalize
+def crop_view(opts: ViewOptions, config: ViTConfig, channels: list[str] | None = None) -> ViewOptions:
+    """How training reads an image for multi_crop: whole, at native size (the crops are cut from
+    it), as the model `config` requires (model_view), for crops normalized `opts.normalize`: the
+    loader only brings "image" pixels to ~0..1 for the intensity jitter (multi_crop standardizes
+    each crop with its whole image's statistics); the others arrive as they stay. A channel-layout
+    model is trained on images that all have `channels`, in order (a batch of crops has one set)."""
+    return dataclasses.replace(model_view(opts, config), size=None,
+                               normalize="percentile" if opts.normalize == "image" else opts.normalize,
+                               same_channels=tuple(channels) if config.layout == "channel" else None)
+
+
+def protein_channel(channel_names) -> int | None:
+    """The index of the protein channel, which channel dropout spares; None when there is none."""
+    return list(channel_names).index("protein") if "protein" in channel_names else None
 
 
 @dataclass(frozen=True)
 class MultiCropConfig:
-    global_size: int = 224
-    local_size: int = 96
-    local_crops: int = 8  # 0: no local crops
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_size: int = setting(224, "Global crop size (2 per image).", min=16)
+    local_size: int = setting(96, "Local crop size.", min=16)
+    local_crops: int = setting(8, "Local crops per image.", min=0)
+    global_scale: tuple[float, float] = setting((0.4, 1.0), "Area range of global crops.")
+    local_scale: tuple[float, float] = setting((0.05, 0.4), "Area range of local crops.")
     flips: bool = True  # random horizontal/vertical flips and 90-degree rotations
     brightness: float = 0.3  # per crop and channel: x * U(1-b, 1+b)
     contrast: float = 0.3  # per crop and channel: (x - mean) * U(1-c, 1+c) + mean
@@ -55,7 +69,8 @@ class MultiCropConfig:
     blur: tuple[float, float, float] = (1.0, 0.1, 0.5)  # blur probability: global 1, global 2, each local
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # DINO's, in pixels of a 224-px crop: scaled to the crop size
     noise: float = 0.05  # prob 0.5 per crop: + N(0, 1) * U(0, noise) * (crop channel std)
-    channel_dropout: float = 0.0  # per crop and channel; never the protein channel, never all channels
+    channel_dropout: float = setting(  # per crop and channel; never all channels
+        0.0, "Probability of zeroing a channel of a crop (never the protein channel).", min=0, max=1)
     normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile", "dataset": leave as is
 
     def __post_init__(self):

@@ -41,22 +41,12 @@ import tifffile
 
 from protloc.declared import check_planes
 from protloc.errors import ProtlocError
-from protloc.labels import strip_tiff_extension
+from protloc.ids import TIFF_EXTENSIONS, file_stem
 from protloc.sources import Source
 from protloc.tiff_messages import TiffMessages
 
-CELL_FRAGMENT = "#cell="
 BORDERS = ("skip", "pad")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_cp_masks", "_labels")  # folder matching, in this order
-MASK_EXTENSIONS = (".tif", ".tiff")
-
-
-def cell_id(image_id: str, label: int) -> str:
-    return f"{image_id}{CELL_FRAGMENT}{label}"
-
-
-def _stem(image_id: str) -> str:
-    return os.path.basename(strip_tiff_extension(image_id))
 
 
 def check_spec(spec: str) -> None:
@@ -68,9 +58,9 @@ def check_spec(spec: str) -> None:
 
 def find_mask(image_id: str, spec: str) -> str:
     """The mask file of an image (protloc.sources.Source.id) under MASKS `spec`; never the image itself."""
-    stem = _stem(image_id)
+    stem = file_stem(image_id)
     if os.path.isdir(spec):
-        found = [p for s in MASK_SUFFIXES for e in MASK_EXTENSIONS
+        found = [p for s in MASK_SUFFIXES for e in TIFF_EXTENSIONS
                  if os.path.isfile(p := os.path.join(spec, stem + s + e))]
         wanted = os.path.join(spec, f"{stem}[{'|'.join(MASK_SUFFIXES[1:])}].tif")
     else:

@@ -45,7 +45,7 @@ from protloc.checkpoint import (FORMAT, VERSION, file_sha256, load_checkpoint, l
 from protloc.data import ViewOptions
 from protloc.errors import ProtlocError
 from protloc.head import Head, probabilities
-from protloc.knn import predict
+from protloc.folds import predict
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.output import atomic_path
 

@@ -32,8 +32,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
 
 from protloc.errors import ProtlocError
-from protloc.folds import metrics, per_class_f1, splits
-from protloc.knn import predict
+from protloc.folds import metrics, per_class_f1, predict, splits
 
 log = logging.getLogger(__name__)
 

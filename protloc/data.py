@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from protloc.channel_map import apply_plan, plan_channels
-from protloc.cells import cell_id, cut_cells, find_mask, read_mask
+from protloc.cells import cut_cells, find_mask, read_mask
 from protloc.channels import select_channels
 from protloc.errors import ProtlocError
+from protloc.ids import cell_id, tile_id
 from protloc.sources import Source, read_source
 from protloc.tiff import DEFAULT_MAX_PIXELS
-from protloc.tiles import tile_id, tile_origins
+from protloc.tiles import tile_origins
 
 if TYPE_CHECKING:
     from protloc.dataset_stats import DatasetStats
@@ -389,6 +390,26 @@ def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None
         pending_key = key
     if pending:
         yield _collate(pending)
+
+
+def on_device(items: list[Item], device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+    """Decoded images for training: each one's pixels (C, H, W) float32 on `device` with its
+    normalization applied (x * scale + shift), and their channel names ([] for no items)."""
+    images = []
+    for item in items:
+        x = torch.from_numpy(item.pixels).to(device).float()
+        scale, shift = (torch.from_numpy(a).to(device) for a in (item.scale, item.shift))
+        images.append(x * scale[:, None, None] + shift[:, None, None])
+    return images, list(items[0].channel_names) if items else []
+
+
+def index_batches(sources: list[Source], opts: ViewOptions, index_lists, workers: int):
+    """The Items (whole images) of each list of source indices in `index_lists` (an iterable, e.g.
+    a batch sampler), decoded by `workers` processes (0: in this process) ahead of use."""
+    dataset = ImageDataset(sources, opts)
+    if workers == 0:
+        return ([dataset[i] for i in idx] for idx in index_lists)
+    return decoded(dataset, workers, batch_sampler=index_lists, collate_fn=list)
 
 
 def loader(sources: list[Source], opts: ViewOptions, workers: int):

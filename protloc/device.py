@@ -1,4 +1,7 @@
-"""`--device auto|cpu|cuda[:N]` -> a torch.device, with a clear error when it is not there."""
+"""`--device auto|cpu|cuda[:N]` -> a torch.device, with a clear error when it is not there; and
+the precision a model runs at there."""
+
+import contextlib
 
 import torch
 
@@ -21,3 +24,10 @@ def resolve_device(spec: str) -> torch.device:
     elif device.type != "cpu":
         raise ProtlocError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def autocast(device: torch.device):
+    """The context a model runs in on `device`: bf16 autocast on a GPU, float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protloc.dinov2 import sinkhorn_knopp
+from protloc.model import no_scaling
 
 
 class WeightNormLinear(nn.Module):
@@ -235,9 +236,8 @@ class DINOModel(nn.Module):
     def forward(self, crops, channel_names=None, pack=True, masks=None, mask_input=True) -> DINOOutputs:
         tokens = []
         for i, c in enumerate(crops):
-            ones = torch.ones(c.shape[:2], device=c.device)  # (n, C): crops arrive normalized
             mask = masks if i == 0 and mask_input else None
-            tokens.append(self.backbone.tokens(c, ones, torch.zeros_like(ones), channel_names, mask))
+            tokens.append(self.backbone.tokens(c, *no_scaling(c), channel_names, mask))
         if pack:
             outs = self.backbone.forward_pack(tokens)
         else:

@@ -8,7 +8,6 @@ on TIFF decoding when it need not; `EmbedStats` records how long it did wait. Wi
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import torch
 
 from protloc.checkpoint import file_sha256, model_from_checkpoint
 from protloc.data import ViewOptions, batches, loader, model_view, probe_channels
+from protloc.device import autocast
 from protloc.errors import ProtlocError
 from protloc.model import ViTConfig, VisionTransformer
 from protloc.sources import Source
@@ -95,11 +95,9 @@ def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_err
     slots = len(config.channels)
     device = torch.device(device)
     model = model.eval().to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
     stream = batches(loader(sources, opts, workers), batch_size, on_error, stats.skipped)
     skipped_seen = 0
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device):
         while True:
             t0 = time.perf_counter()
             batch = next(stream, None)

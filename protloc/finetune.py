@@ -37,17 +37,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from protloc.augment import NORMALIZE, MultiCropConfig, loader_normalization, multi_crop
-from protloc.data import ImageDataset, ViewOptions, decoded, loader, model_view, probe_channels, usable
+from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
+from protloc.data import ViewOptions, index_batches, loader, model_view, on_device, probe_channels, usable
+from protloc.device import autocast
 from protloc.dino import cosine_schedule, param_groups
 from protloc.embed import embed
 from protloc.errors import ProtlocError
-from protloc.folds import evaluation_groups, metrics
+from protloc.folds import evaluation_groups, metrics, predict
 from protloc.head import (EarlyStopping, Head, epoch_batches, fit_linear_probe, loss_function, probabilities,
                            sample_weights, targets)
-from protloc.knn import predict
-from protloc.labels import Matched, strip_fragment
-from protloc.model import VisionTransformer
+from protloc.ids import image_of
+from protloc.labels import Matched
+from protloc.model import VisionTransformer, no_scaling
 from protloc.sources import Source
 
 MIN_LR = 1e-6  # end of the full fine-tuning cosine, as DINO's
@@ -131,7 +132,7 @@ def labelled_rows(matched: Matched) -> LabelledRows:
 def rows_of(labelled: LabelledRows, ids: list[str]) -> LabelledRows:
     """Rows `ids` (the labelled images themselves, or their tiles) with their image's labels."""
     index = {image: k for k, image in enumerate(labelled.ids)}
-    take = [index[strip_fragment(i)] for i in ids]
+    take = [index[image_of(i)] for i in ids]
     groups = labelled.groups[take] if labelled.groups is not None else None
     return LabelledRows(list(ids), labelled.y[take], evaluation_groups(list(ids), groups), labelled.classes,
                         labelled.multilabel)
@@ -147,12 +148,11 @@ def embed_all(model, sources, opts, **kw) -> tuple[list[str], np.ndarray]:
 
 
 def train_view(backbone: VisionTransformer, opts: ViewOptions, sources: list[Source], on_error: str) -> ViewOptions:
-    """How full fine-tuning reads an image: whole, at native size (the crops are cut from it), as
-    the backbone requires; for a channel-layout backbone every image with the channels of the first."""
-    view = dataclasses.replace(model_view(opts, backbone.config), size=None)
-    if backbone.config.layout == "channel":
-        view = dataclasses.replace(view, same_channels=tuple(probe_channels(sources, view, on_error)))
-    return view
+    """How full fine-tuning reads an image (protloc.augment.crop_view); for a channel-layout
+    backbone every image with the channels of the first."""
+    config = backbone.config
+    channels = probe_channels(sources, model_view(opts, config), on_error) if config.layout == "channel" else None
+    return crop_view(opts, config, channels)
 
 
 def readable(backbone: VisionTransformer, sources: list[Source], opts: ViewOptions, workers: int,
@@ -306,37 +306,21 @@ class FullTask:
         # on_step(loss, images) after every optimizer step: for progress, and a place to stop (what
         # it raises ends the fit there)
         self.on_step = None
-        # as in pretraining: the loader normalizes (image: scales to ~0..1, augment.py standardizes each crop)
-        self.train_view = dataclasses.replace(train_view(backbone, view, sources, "fail"),
-                                              normalize=loader_normalization(normalize))
+        self.train_view = train_view(backbone, view, sources, "fail")
         self.eval_view = model_view(dataclasses.replace(view, size=cfg.size, pool=cfg.pool), backbone.config)
         self.crops = MultiCropConfig(global_size=cfg.size, local_crops=0, normalize=normalize)
         self.t = targets(rows.y, rows.multilabel)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
-
-    def _batches(self, index_lists):
-        dataset = ImageDataset(self.sources, self.train_view)
-        if self.workers == 0:
-            return ([dataset[i] for i in idx] for idx in index_lists)
-        return decoded(dataset, self.workers, batch_sampler=index_lists, collate_fn=list)
 
     def _step(self, items, backbone, head, loss_fn, generator):
         """The loss of one batch: both global crops of every image, each with its image's label."""
-        images = []
-        for item in filter(lambda it: usable(it, "fail"), items):  # readable() kept only images that load
-            x = torch.from_numpy(item.pixels).to(self.device).float()
-            scale, shift = (torch.from_numpy(a).to(self.device) for a in (item.scale, item.shift))
-            images.append(x * scale[:, None, None] + shift[:, None, None])
-        names = list(items[0].channel_names)
-        protein = names.index("protein") if "protein" in names else None
-        global_crops, _ = multi_crop(images, self.crops, generator, protein)  # (2, B, C, S, S)
+        # readable() kept only images that load
+        images, names = on_device([item for item in items if usable(item, "fail")], self.device)
+        global_crops, _ = multi_crop(images, self.crops, generator, protein_channel(names))  # (2, B, C, S, S)
         crops = global_crops.flatten(0, 1)  # (2B, C, S, S), crop-major
         labels = self.t[[item.index for item in items]].to(self.device)
         labels = torch.cat([labels, labels])  # crop-major: crop 0 of each image, then crop 1
-        ones = torch.ones(crops.shape[:2], device=self.device)  # crops arrive normalized
-        with self.autocast:
-            features = backbone.embed(crops, ones, torch.zeros_like(ones), names, self.cfg.pool)
+        with autocast(self.device):
+            features = backbone.embed(crops, *no_scaling(crops), names, self.cfg.pool)
             return loss_fn(head(features.float()), labels)
 
     def fit(self, train: np.ndarray, val: np.ndarray, seed: int, on_epoch=None) -> Fitted:
@@ -362,7 +346,7 @@ class FullTask:
                                                       generator)]
             backbone.train()
             head.train()
-            for items in self._batches(index_lists):
+            for items in index_batches(self.sources, self.train_view, index_lists, self.workers):
                 for group in optimizer.param_groups:
                     group["lr"] = float(schedule[step]) * group["lr_scale"]
                 loss = self._step(items, backbone, head, loss_fn, generator)

@@ -1,6 +1,7 @@
-"""Cross-validation folds and what they can measure: groups, measurable classes, splits, scores.
+"""Cross-validation and its scores: groups, measurable classes, splits, the decision rule, macro F1.
 
-Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protloc.crossval):
+Used by `protloc knn` (k folds and leave-one-out), `protloc finetune` (protloc.crossval, early stopping,
+the linear probe's choice of C) and, for its decision rule, `protloc predict`:
 
     groups      the labels' group column (a protein or gene: never on both sides of a split); with
                 `--no-groups` or without the column, each image (its tiles and cells stay
@@ -10,6 +11,8 @@ Used by `protloc knn` (k folds and leave-one-out) and `protloc finetune` (protlo
                 unmeasurable: their rows still train, but test rows of them are not scored and no
                 macro F1 averages them in (a warning names them); if no class is measurable the
                 evaluation is refused before any fitting
+    decision    per row, the classes whose score (k-NN vote share, head probability) is >= 0.5
+                (multi-label), or the top class (single-label, and a multi-label row none reaches)
     scores      macro F1 over the scored classes a set of test rows holds in its truth, and
                 accuracy (multi-label: subset accuracy, all labels of a row right), on the test
                 rows that carry a scored class
@@ -27,7 +30,7 @@ import numpy as np
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from protloc.errors import ProtlocError
-from protloc.labels import strip_fragment
+from protloc.ids import image_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def evaluation_groups(ids: list[str], label_groups) -> np.ndarray | None:
     are whole images without groups (each row on its own)."""
     if label_groups is not None:
         return np.asarray(label_groups)
-    images = [strip_fragment(i) for i in ids]
+    images = [image_of(i) for i in ids]
     return np.asarray(images) if images != list(ids) else None
 
 
@@ -153,6 +156,24 @@ def splits(y: np.ndarray, groups=None, folds: int = 5, seed: int = 0, multilabel
             yield train, test
     except ValueError as e:  # e.g. more folds than members of every class
         raise ProtlocError(f"cannot make {folds} folds of these labels: {e}") from None
+
+
+def predict(scores: np.ndarray, multilabel: bool) -> np.ndarray:
+    """(n, n_classes) uint8 indicator predictions from (n, n_classes) scores (k-NN vote shares,
+    head probabilities).
+
+    Single-label: the top class. Multi-label: every class with a score >= 0.5, or the top one if
+    none reaches it (each image has at least one localization).
+    """
+    scores = np.asarray(scores)
+    top = np.zeros(scores.shape, dtype=np.uint8)
+    top[np.arange(len(scores)), scores.argmax(1)] = 1
+    if not multilabel:
+        return top
+    pred = (scores >= 0.5).astype(np.uint8)
+    empty = pred.sum(1) == 0
+    pred[empty] = top[empty]
+    return pred
 
 
 def per_class_f1(y_true: np.ndarray, y_pred: np.ndarray, scored: np.ndarray | None = None) -> np.ndarray:

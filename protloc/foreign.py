@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from protloc.errors import ProtlocError
-from protloc.model import ARCHS, ViTConfig
+from protloc.model import ARCHS, PATCHES, ViTConfig
 
 # the channels a foreign backbone saw, by input channel count, unless --model-channels names them:
 # 3: ImageNet RGB read as fluorescence colours (red, green, blue); 4: DINO4Cells' HPA channel order
@@ -104,8 +104,8 @@ def infer_config(state: dict, path, channels: list[str] | None = None) -> ViTCon
     if arch is None:
         raise ProtlocError(f"{path}: embedding dimension {dim} matches no supported architecture "
                            f"({', '.join(f'{n} {d}' for n, (d, _) in ARCHS.items())})")
-    if patch not in (8, 16):
-        raise ProtlocError(f"{path}: patch size {patch} not supported (8 or 16)")
+    if patch not in PATCHES:
+        raise ProtlocError(f"{path}: patch size {patch} not supported ({' or '.join(map(str, PATCHES))})")
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
         raise ProtlocError(f"{path}: no transformer blocks (blocks.N.*) in the weights")

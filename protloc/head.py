@@ -8,7 +8,7 @@ the same head together with the backbone. Two heads:
     mlp      D -> 512 -> 256 -> classes, ReLU and dropout 0.5 after each hidden layer
 
 Single-label tasks use softmax cross-entropy, multi-label tasks (labels `a;b`) a sigmoid per
-class with binary cross-entropy; a class is predicted at probability >= 0.5 (protloc.knn.predict).
+class with binary cross-entropy; a class is predicted at probability >= 0.5 (protloc.folds.predict).
 Class balance, for a macro F1 that weighs rare classes as much as common ones:
 
     weight   the loss weighs class c by n / (n_classes * n_c) (multi-label: positives of c by
@@ -44,8 +44,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from protloc.errors import ProtlocError
-from protloc.folds import metrics, splits
-from protloc.knn import predict
+from protloc.folds import metrics, predict, splits
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from protloc.errors import ProtlocError
-from protloc.folds import check_folds, evaluation_groups, metrics, scored_classes, splits
+from protloc.folds import check_folds, evaluation_groups, metrics, predict, scored_classes, splits
 from protloc.labels import Matched
 
 log = logging.getLogger(__name__)
@@ -79,23 +79,6 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float = 0.07, exclude
             share = votes[:, j] / total[:, j, None].clamp_min(torch.finfo(torch.float32).tiny)
             out[k][start:stop] = share.cpu().numpy()
     return out
-
-
-def predict(scores: np.ndarray, multilabel: bool) -> np.ndarray:
-    """(n, n_classes) uint8 indicator predictions from vote shares.
-
-    Single-label: the top class. Multi-label: every class with a vote share >= 0.5, or the top
-    one if none reaches it (each image has at least one localization).
-    """
-    scores = np.asarray(scores)
-    top = np.zeros(scores.shape, dtype=np.uint8)
-    top[np.arange(len(scores)), scores.argmax(1)] = 1
-    if not multilabel:
-        return top
-    pred = (scores >= 0.5).astype(np.uint8)
-    empty = pred.sum(1) == 0
-    pred[empty] = top[empty]
-    return pred
 
 
 @dataclass

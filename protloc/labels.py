@@ -15,18 +15,16 @@ import csv
 import dataclasses
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from protloc.channels import ALIASES, VOCABULARY
 from protloc.errors import ProtlocError
+from protloc.ids import group_stem, image_of, split_fragment, stem
 
 log = logging.getLogger(__name__)
 
-TIFF_EXTENSIONS = (".ome.tiff", ".ome.tif", ".tiff", ".tif")  # longest first: .ome.tif before .tif
-FRAGMENT = re.compile(r"#(?:tile|cell)=\d+$")
 # File suffixes of one-file-per-channel layouts (`X_gfp.tif`, `X_blue.tif`) when none are given.
 DEFAULT_SUFFIXES = tuple(sorted(set(ALIASES) | set(VOCABULARY)))
 
@@ -161,24 +159,13 @@ def _canonical_classes(names_per_row: list[set[str]], source: str) -> dict[str, 
     return canonical
 
 
-def split_fragment(id_: str) -> tuple[str, str]:
-    """`dir/a.tif#cell=3` -> (`dir/a.tif`, `#cell=3`); an id without a fragment -> (id, "")."""
-    m = FRAGMENT.search(id_)
-    return (id_[:m.start()], m.group()) if m else (id_, "")
-
-
-def strip_fragment(id_: str) -> str:
-    """`dir/a.tif#tile=3` -> `dir/a.tif`: the image of a tile or cell row."""
-    return split_fragment(id_)[0]
-
-
 def images_of(labels: Labels) -> Labels:
     """The labels as whole images: a view's key (`path#cell=K`) stands for its image, whose labels
     are those of all its keys together. For choosing which images to read, not for training."""
     united: dict[str, set] = {}
     groups: dict[str, str] = {}
     for i, key in enumerate(labels.keys):
-        image = strip_fragment(key)
+        image = image_of(key)
         united.setdefault(image, set()).update(labels.labels[i])
         if labels.groups is not None:
             groups.setdefault(image, labels.groups[i])
@@ -186,24 +173,11 @@ def images_of(labels: Labels) -> Labels:
                                groups=list(groups.values()) if labels.groups is not None else None)
 
 
-def strip_tiff_extension(path: str) -> str:
-    lower = path.lower()
-    for ext in TIFF_EXTENSIONS:
-        if lower.endswith(ext):
-            return path[: -len(ext)]
-    return path
-
-
 def _path_forms(key: str, suffixes: list[str]) -> set[str]:
     """Loose forms of a label path that an embedding id may equal: without its TIFF extension,
-    and additionally without a trailing `_<channel suffix>` (one file of a per-channel group)."""
-    stem = strip_tiff_extension(key)
-    forms = {stem}
-    lower = stem.lower()
-    for s in suffixes:
-        if lower.endswith("_" + s.lower()):
-            forms.add(stem[: -len(s) - 1])
-    return forms
+    and, for one file of a per-channel group, its group's stem (protloc.ids.group_stem)."""
+    group = group_stem(key, suffixes)
+    return {stem(key)} | ({group[0]} if group else set())
 
 
 def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
@@ -249,7 +223,7 @@ def match_rows(ids: list[str], labels: Labels, base_dir: str | None = None,
                 hits = [exact[stripped + f]] if stripped + f in exact else []
             else:
                 path = os.path.normpath(os.path.join(base, stripped))
-                hits = [exact[path + f]] if path + f in exact else loose.get(strip_tiff_extension(path) + f, [])
+                hits = [exact[path + f]] if path + f in exact else loose.get(stem(path) + f, [])
             if hits:
                 break
         if not hits:

@@ -36,6 +36,7 @@ ARCHS = {  # name -> (embedding dim, heads); depth 12 and MLP ratio 4 for all, a
     "vit_base": (768, 12),
 }
 LAYOUTS = ("fused", "channel")
+PATCHES = (8, 16)  # patch sizes in pixels, those of DINO's ViTs
 
 
 @dataclass
@@ -60,8 +61,8 @@ class ViTConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ProtlocError(f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHS)}")
-        if self.patch not in (8, 16):
-            raise ProtlocError(f"patch size {self.patch} not supported; use 8 or 16")
+        if self.patch not in PATCHES:
+            raise ProtlocError(f"patch size {self.patch} not supported; use {' or '.join(map(str, PATCHES))}")
         if self.layout not in LAYOUTS:
             raise ProtlocError(f"unknown token layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
 
@@ -141,6 +142,12 @@ class Block(nn.Module):
         x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), cu_seqlens, self.drop_path_rate, self.training)
         x = x + drop_path(self.mlp(self.norm2(x)), cu_seqlens, self.drop_path_rate, self.training)
         return x
+
+
+def no_scaling(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale 1 and shift 0, each (B, C), for pixels (B, C, H, W) that arrive normalized (crops)."""
+    ones = torch.ones(pixels.shape[:2], device=pixels.device)
+    return ones, torch.zeros_like(ones)
 
 
 class VisionTransformer(nn.Module):

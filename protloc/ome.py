@@ -32,8 +32,6 @@ from protloc.tiff_messages import TiffMessages
 
 log = logging.getLogger(__name__)
 
-OME_SUFFIXES = (".ome.tif", ".ome.tiff")  # case-insensitive
-
 
 def _children(element, name: str) -> list:
     """Direct children called `name`, whatever the OME namespace (2008 to 2016 schemas)."""

@@ -20,7 +20,8 @@ from protloc.channels import canonical
 from protloc.data import ViewOptions, view_of
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
-from protloc.labels import match_rows, read_labels, split_fragment
+from protloc.ids import OME_EXTENSIONS, TIFF_EXTENSIONS, split_fragment
+from protloc.labels import match_rows, read_labels
 from protloc.sources import Source
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ def _channel_group(stem: str, suffixes: list[str]) -> Source:
     """The one-file-per-channel image `stem` (`stem_gfp.tif`, `stem_rfp.tif`, ...), as `protloc embed` grouped it."""
     files = []
     for s in suffixes:
-        candidates = [f"{stem}_{s}{ext}" for ext in (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".TIF", ".TIFF")]
+        extensions = TIFF_EXTENSIONS + OME_EXTENSIONS + tuple(e.upper() for e in TIFF_EXTENSIONS)
+        candidates = [f"{stem}_{s}{ext}" for ext in extensions]
         files.append(next((f for f in candidates if os.path.exists(f)), candidates[0]))
     return Source(stem, tuple(files), tuple(canonical(s) for s in suffixes))

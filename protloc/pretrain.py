@@ -28,26 +28,31 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import MultiCropConfig, loader_normalization, multi_crop
+from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import ImageDataset, ViewOptions, decoded, model_view, probe_channels, usable
-from protloc.dataset_stats import DatasetStats, recorded, with_dataset_stats
-from protloc.dino import (DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
+from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, probe_channels, usable
+from protloc.device import autocast
+from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
+from protloc.dino import (CENTERINGS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
                           ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
+from protloc.embed import POOLINGS
 from protloc.errors import ProtlocError
 from protloc.model import ViTConfig, VisionTransformer
+from protloc.setting import setting
 from protloc.sources import Source
 
 log = logging.getLogger(__name__)
+PERCENT = "{:g}-{:g}%".format(*PERCENTILES)  # the range that normalize "percentile" and "dataset" map to 0-1
 
 
 @dataclass
 class PretrainConfig:
     """Everything that defines a run, how the images are read and how embed views them included;
     stored in its checkpoints (a resumed run keeps it). The defaults are the DINO reference's
-    (Caron et al. 2021, main_dino.py, for ViTs): the `dino` recipe (protloc.recipes)."""
+    (Caron et al. 2021, main_dino.py, for ViTs): the `dino` recipe (protloc.recipes). A field
+    declared with `setting` has a `protloc pretrain` flag of its name (protloc.setting)."""
     recipe: str = "dino"  # the recipe the settings started from (protloc.recipes)
     arch: str = "vit_small"
     patch: int = 16
@@ -58,38 +63,57 @@ class PretrainConfig:
     z: str = "max"  # z projection (protloc.tiff)
     axes: str | None = None  # axes of every file; None: from metadata or shape
     series: int | None = None  # the series of files that hold several (protloc.tiff); None: the first full one
-    normalize: str = "image"  # of the crops (augment.NORMALIZE), and embed's default
-    embed_size: int | None = None  # the view size embed, finetune and predict use with the checkpoint; None: native
-    embed_pool: str = "cls"  # the pooling they use (protloc.embed.POOLINGS)
-    drop_path: float = 0.1
-    out_dim: int = 65536
+    normalize: str = setting(  # of the crops, and embed's default
+        "image", f"Crops standardized with their whole image's channel mean / std (image), or its {PERCENT} range "
+        f"mapped to 0-1 (percentile), or the data set's {PERCENT} range per channel mapped to 0-1 (dataset: keeps "
+        f"brightness differences between images; estimated from a sample of up to {MAX_IMAGES} images, reported "
+        "on stderr); recorded in the checkpoint, so embed uses the same.", choices=NORMALIZE)
+    embed_size: int | None = setting(
+        None, "The view size (0: native) that embed, finetune and predict use with this checkpoint unless given "
+        "--size.", min=0, metavar="SIZE", zero_is_none=True)
+    embed_pool: str = setting("cls", "The pooling that embed, finetune and predict use with this checkpoint "
+                              "unless given --pool.", choices=POOLINGS)
+    drop_path: float = setting(0.1, "Stochastic depth of the student.", min=0, max=1, max_open=True)
+    out_dim: int = setting(65536, "DINO head output dimension.", min=2)
     norm_last_layer: bool = True
-    use_bn_in_head: bool = False  # DINO's default for ViTs; short runs on small data want it (see DINOHead)
-    batch_size: int = 64  # per process
-    steps: int | None = None  # length: steps, or epochs over the data
-    epochs: int | None = None
-    lr: float = 5e-4  # at a total batch of 256, scaled linearly
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # 0: no clipping
-    freeze_last_layer: float = 1.0  # epochs with the head's last layer frozen
-    momentum_teacher: float = 0.996
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: float = 30.0
+    use_bn_in_head: bool = setting(  # DINO's default for ViTs; short runs on small data want it (see DINOHead)
+        False, "Batch norm in the DINO head's hidden layers (DINO's --use_bn_in_head): short runs on small data "
+        "learn much sooner.", flag="--use-bn-in-head/--no-bn-in-head")
+    batch_size: int = setting(64, "Images per step and process.", min=1)
+    steps: int | None = setting(None, "Length of the run in optimizer steps.", min=1)  # or epochs over the data
+    epochs: int | None = setting(None, "Length of the run in passes over the data.", min=1)
+    lr: float = setting(5e-4, "Peak learning rate at a total batch of 256 (scaled linearly).", min=0)
+    min_lr: float = setting(1e-6, "Learning rate at the end of the cosine.", min=0)
+    warmup_epochs: float = setting(10.0, "Linear learning-rate warm-up.", min=0)
+    weight_decay: float = setting(0.04, "Weight decay at the start (cosine to --weight-decay-end).", min=0)
+    weight_decay_end: float = setting(0.4, "Weight decay at the end.", min=0)
+    clip_grad: float = setting(3.0, "Per-parameter gradient norm clip (0: no clipping, as in DINO).", min=0)
+    freeze_last_layer: float = setting(1.0, "Epochs with the head's last layer frozen.", min=0)
+    momentum_teacher: float = setting(0.996, "Teacher EMA momentum (cosine to 1).", min=0, max=1)
+    warmup_teacher_temp: float = setting(0.04, "Teacher temperature at the start.", min=0, min_open=True)
+    teacher_temp: float = setting(0.04, "Teacher temperature after warm-up (DINO's recipe for longer runs: "
+                                  "0.07).", min=0, min_open=True)
+    warmup_teacher_temp_epochs: float = setting(30.0, "Teacher temperature warm-up.", min=0)
     student_temp: float = 0.1
     center_momentum: float = 0.9
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
-    pack: bool = True  # all crops in one transformer pass (False: one pass per crop size, like DINO)
-    seed: int = 0
+    pack: bool = setting(True, "Run the transformer once per crop size (DINO's way) instead of one packed pass.",
+                         flag="--no-pack")
+    seed: int = setting(0, "Seed of initialization, data order and augmentation.")
     # DINOv2 / iBOT ingredients (protloc.dinov2), all off by default: the run is then DINO's as above
-    koleo: float = 0.0  # weight of KoLeo on the student's global-crop CLS features (DINOv2: 0.1)
-    centering: str = "center"  # teacher targets: running-mean "center" (DINO) or "sinkhorn" (DINOv2)
-    ibot: float = 0.0  # weight of iBOT's masked-patch loss (DINOv2: 1.0)
-    mask_ratio: tuple[float, float] = (0.1, 0.5)  # share of a masked global crop's patches masked (DINOv2's)
-    mask_prob: float = 0.5  # share of the global crops masked (DINOv2's)
+    koleo: float = setting(0.0, "Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global "
+                           "crop away from its nearest neighbour in the batch, spreading features apart (DINOv2: "
+                           "0.1; 0: off).", min=0, metavar="W")
+    centering: str = setting("center", "Teacher targets: softmax after subtracting a running mean (center, DINO) or "
+                             "Sinkhorn-Knopp (sinkhorn, DINOv2), which gives every output dimension an equal share "
+                             "of each batch.", choices=CENTERINGS)
+    ibot: float = setting(0.0, "Weight of iBOT's masked-patch loss: the student sees some global crops with blocks "
+                          "of patches replaced by a learned mask token and predicts the teacher's outputs there "
+                          "(DINOv2: 1.0; 0: off).", min=0, metavar="W")
+    mask_ratio: tuple[float, float] = setting((0.1, 0.5), "With --ibot: range of the share of a masked crop's "
+                                              "patches that are masked (DINOv2's).", metavar="LOW,HIGH")
+    mask_prob: float = setting(0.5, "With --ibot: share of the global crops that are masked (DINOv2's).",
+                               min=0, max=1, min_open=True)
 
     def __post_init__(self):  # the crops are normalized as the run's images: one setting
         if self.crops.normalize != self.normalize:
@@ -167,14 +191,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def backbone_config(cfg: PretrainConfig, channels: list[str], dataset_stats: DatasetStats | None = None) -> ViTConfig:
+    """The run's backbone, which records how embed is to view images (normalization, its statistics, size, pooling)."""
+    return ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
+                     normalize=cfg.normalize, dataset_stats=recorded(dataset_stats),
+                     view_size=cfg.embed_size, pool=cfg.embed_pool, drop_path=cfg.drop_path,
+                     mask_token=cfg.ibot > 0)
+
+
 def build_models(cfg: PretrainConfig, channels: list[str],
                  dataset_stats: DatasetStats | None = None) -> tuple[DINOModel, DINOModel]:
-    """Student and teacher with the same initial weights; the teacher has no stochastic depth.
-    Their config records how embed is to view images (normalization, its statistics, size, pooling)."""
-    vit = ViTConfig(arch=cfg.arch, patch=cfg.patch, layout=cfg.layout, depth=cfg.depth, channels=channels,
-                    normalize=cfg.normalize, dataset_stats=recorded(dataset_stats),
-                    view_size=cfg.embed_size, pool=cfg.embed_pool, drop_path=cfg.drop_path,
-                    mask_token=cfg.ibot > 0)
+    """Student and teacher (backbone_config) with the same initial weights; the teacher has no stochastic depth."""
+    vit = backbone_config(cfg, channels, dataset_stats)
     torch.manual_seed(cfg.seed)
     head = dict(out_dim=cfg.out_dim, norm_last_layer=cfg.norm_last_layer, use_bn=cfg.use_bn_in_head)
     student = DINOModel(VisionTransformer(vit), DINOHead(vit.dim, **head))
@@ -211,20 +239,17 @@ class Trainer:
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
         self.cfg = cfg
         view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
-                                   series=cfg.series)
+                                   series=cfg.series, normalize=cfg.normalize)
         channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view, on_error)
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         if cfg.koleo and cfg.batch_size < 2:
             raise ProtlocError("--koleo spreads the features of a process's batch apart: it needs --batch-size 2 or more")
-        # the loader decodes and normalizes (image: scales to ~0..1, augment.py standardizes the crops)
-        view = dataclasses.replace(view, size=None, normalize=loader_normalization(cfg.normalize),
-                                   same_channels=tuple(channels) if cfg.layout == "channel" else None)
-        view, self.dataset_stats_estimated = with_dataset_stats(
-            view, ckpt["config"].get("dataset_stats") if ckpt is not None else None, self.output, sources, workers,
-            on_error)
-        self.student, self.teacher = build_models(cfg, channels, view.dataset_stats)
-        # every image is checked against the model on its own (patch, channels)
-        self.view = model_view(view, self.student.backbone.config)
+        # every image is checked against the model on its own (patch, channels), the data set's
+        # statistics (normalize "dataset") estimated over the images as training reads them
+        self.view, self.dataset_stats_estimated = with_dataset_stats(
+            crop_view(view, backbone_config(cfg, channels), channels),
+            ckpt["config"].get("dataset_stats") if ckpt is not None else None, self.output, sources, workers, on_error)
+        self.student, self.teacher = build_models(cfg, channels, self.view.dataset_stats)
         self.skipped: set[str] = set()  # images reported as skipped (once, not every epoch)
         if cfg.use_bn_in_head and world.size > 1 and world.device.type == "cuda":
             # batch statistics over the whole batch, as DINO does; SyncBatchNorm runs on GPUs only,
@@ -260,32 +285,24 @@ class Trainer:
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
                     if world.size > 1 else None)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
 
     def batches(self, stop):
-        dataset = ImageDataset(self.sources, self.view)
         sampler = StepBatches(len(self.sources), self.cfg.batch_size, self.world, self.cfg.seed,
                               self.step, stop, self.schedules.steps_per_epoch)
-        if self.workers == 0:
-            return ([dataset[i] for i in idx] for idx in sampler)
-        return decoded(dataset, self.workers, batch_sampler=sampler, collate_fn=list, prefetch_factor=2)
+        return index_batches(self.sources, self.view, sampler, self.workers)
 
     def images(self, items):
         """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
         (reported the first time they are met)."""
-        out, names = [], []
+        kept = []
         for item in items:
             if item.error is not None and item.id in self.skipped:
                 continue
-            if not usable(item, self.on_error):
+            if usable(item, self.on_error):
+                kept.append(item)
+            else:
                 self.skipped.add(item.id)
-                continue
-            x = torch.from_numpy(item.pixels).to(self.world.device).float()
-            scale, shift = (torch.from_numpy(a).to(self.world.device) for a in (item.scale, item.shift))
-            out.append(x * scale[:, None, None] + shift[:, None, None])
-            names = list(item.channel_names)
-        return out, names
+        return on_device(kept, self.world.device)
 
     def train_step(self, items) -> dict | None:
         """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
@@ -317,8 +334,8 @@ class Trainer:
         """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
         global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
         cfg = self.cfg
-        protein = names.index("protein") if "protein" in names else None
-        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed), protein)
+        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed),
+                                               protein_channel(names))
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
         masks = None
@@ -339,7 +356,7 @@ class Trainer:
                 group["weight_decay"] = float(sched.weight_decay[step])
         student = self.ddp or self.student
         temp = sched.teacher_temp[step]
-        with self.autocast:
+        with autocast(self.world.device):
             teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
             student_out = student(crops, names, cfg.pack, masks)
             loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)

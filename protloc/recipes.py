@@ -62,13 +62,15 @@ SMALL = dataclasses.replace(
 RECIPES = {"dino": DINO, "small": SMALL}
 DEFAULT = "small"  # protloc is for a lab's own images, not ImageNet on many GPUs
 
-CROP_SETTINGS = frozenset(f.name for f in dataclasses.fields(MultiCropConfig)) - {"normalize"}  # the run's normalize
+_CROPS = [f for f in dataclasses.fields(MultiCropConfig) if f.name != "normalize"]  # the run's normalize
+CROP_SETTINGS = frozenset(f.name for f in _CROPS)
+# every setting's field by name, in PretrainConfig's order with the crops' in place of `crops`
+FIELDS = {f.name: f for run in dataclasses.fields(PretrainConfig) for f in (_CROPS if run.name == "crops" else [run])}
 
 
 def settings(cfg: PretrainConfig) -> dict[str, object]:
-    """Every setting of `cfg` by name, the crops' among them (global_size, ...)."""
-    run = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "crops"}
-    return {**run, **{name: getattr(cfg.crops, name) for name in sorted(CROP_SETTINGS)}}
+    """Every setting of `cfg` by name (FIELDS), the crops' among them (global_size, ...)."""
+    return {name: getattr(cfg.crops if name in CROP_SETTINGS else cfg, name) for name in FIELDS}
 
 
 def changes(name: str) -> dict[str, object]:

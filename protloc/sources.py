@@ -24,13 +24,11 @@ from typing import TextIO
 
 from protloc.channels import canonical
 from protloc.errors import ProtlocError
-from protloc.ome import OME_SUFFIXES, read_ome_xml
+from protloc.ids import OME_EXTENSIONS, TIFF_EXTENSIONS, check_image_id, group_stem
+from protloc.ome import read_ome_xml
 from protloc.tiff import DEFAULT_MAX_PIXELS, Image, read_channel_files, read_tiff
 
 log = logging.getLogger(__name__)
-
-TIFF_SUFFIXES = (".tif", ".tiff")  # case-insensitive; covers .ome.tif / .ome.tiff
-
 
 @dataclass(frozen=True)
 class Source:
@@ -61,9 +59,10 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
         raise ProtlocError("no input images given (stdin listed no paths)")
     files = dict.fromkeys(_without_companions(list(files.values())))
     suffixes = [s.strip().lstrip("_") for s in channel_suffixes or [] if s.strip().lstrip("_")]
-    if not suffixes:
-        return [Source(f, (f,), None) for f in files]
-    return _group(list(files), suffixes)
+    sources = _group(list(files), suffixes) if suffixes else [Source(f, (f,), None) for f in files]
+    for s in sources:
+        check_image_id(s.id)
+    return sources
 
 
 def read_source(src: Source, z: str = "max", axes: str | None = None,
@@ -85,7 +84,7 @@ def _expand(path: str) -> list[str]:
             # hidden folders are pruned, and folders met before (a link back up would never end)
             dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
             found += [os.path.join(root, n) for n in names
-                      if not n.startswith(".") and n.lower().endswith(TIFF_SUFFIXES)]
+                      if not n.startswith(".") and n.lower().endswith(TIFF_EXTENSIONS)]
         if not found:
             raise ProtlocError(f"{path}: no .tif/.tiff files under this directory")
         # sort by path components, so a folder's files stay together ('a/x' before 'a-b/x')
@@ -98,7 +97,7 @@ def _expand(path: str) -> list[str]:
 def _without_companions(files: list[str]) -> list[str]:
     """The files less those whose multi-file OME-TIFF image another input reads (see the module doc)."""
     real = os.path.realpath
-    xml = {f: read_ome_xml(f) if f.lower().endswith(OME_SUFFIXES) else None for f in files}
+    xml = {f: read_ome_xml(f) if f.lower().endswith(OME_EXTENSIONS) else None for f in files}
     # a BinaryOnly file is read by whichever input (its master, renamed or not) spreads its image over it
     read_by_others = {real(p) for f, ome in xml.items() if ome is not None and ome.master() is None
                       for p in ome.partners(f)}
@@ -116,15 +115,6 @@ def _without_companions(files: list[str]) -> list[str]:
     return kept
 
 
-def _split_name(path: str) -> tuple[str, str]:
-    """'d/X_gfp.ome.tif' -> ('d/X_gfp', '.ome.tif')."""
-    lower = path.lower()
-    for ext in OME_SUFFIXES + TIFF_SUFFIXES:
-        if lower.endswith(ext):
-            return path[: -len(ext)], path[-len(ext):]
-    return os.path.splitext(path)
-
-
 def _group(files: list[str], suffixes: list[str]) -> list[Source]:
     """Group `<stem>_<suffix>.tif` files into one source per stem, channels in suffix order."""
     flag = f"--channel-suffixes {','.join(suffixes)}"
@@ -134,16 +124,12 @@ def _group(files: list[str], suffixes: list[str]) -> list[Source]:
     names = tuple(canonical(s) for s in suffixes)
     if len(set(names)) != len(names):
         raise ProtlocError(f"{flag}: suffixes name the same channel twice ({', '.join(names)})")
-    # longest first: with suffixes 'rfp' and 'b_rfp', 'a_b_rfp.tif' is the '_b_rfp' file of 'a'
-    by_length = sorted(range(len(suffixes)), key=lambda i: -len(lowered[i]))
     groups: dict[str, dict[int, str]] = {}  # stem -> {suffix index: file}, in discovery order
     for f in files:
-        base, _ = _split_name(f)
-        k = next((i for i in by_length if base.lower().endswith("_" + lowered[i])), None)
-        if k is None or len(os.path.basename(base)) == len(lowered[k]) + 1:
+        if (found := group_stem(f, suffixes)) is None:
             expected = " or ".join("_" + s for s in suffixes)
             raise ProtlocError(f"{f}: file name does not end in {expected} ({flag})")
-        stem = base[: -len(lowered[k]) - 1]
+        stem, k = found
         group = groups.setdefault(stem, {})
         if k in group:
             raise ProtlocError(f"{stem}: two _{suffixes[k]} files ({group[k]}, {f})")

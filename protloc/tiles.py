@@ -19,19 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from protloc.labels import strip_fragment
+from protloc.ids import image_of
 
-TILE_FRAGMENT = "#tile="
 AGGREGATIONS = ("mean",)
-
-
-def tile_id(image_id: str, k: int) -> str:
-    return f"{image_id}{TILE_FRAGMENT}{k}"
-
-
-def image_id(row_id: str) -> str:
-    """`dir/a.tif#tile=3` (or `#cell=3`) -> `dir/a.tif`; an id without a fragment is returned as it is."""
-    return strip_fragment(row_id)
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -60,7 +50,7 @@ def mean_per_image(stream):
     for ids, vectors in stream:
         done_ids, done_rows = [], []
         for row_id, vector in zip(ids, vectors):
-            image = image_id(row_id)
+            image = image_of(row_id)
             if image != current:
                 if current is not None:
                     done_ids.append(current)

@@ -34,8 +34,8 @@ from protloc.synth import write_dataset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--workers", "0"]
-PRETRAIN = [*TINY, "--out-dim", "16", "--batch-size", "4", "--global-size", "16", "--local-crops", "0",
-            "--device", "cpu"]
+PRETRAIN = ["--recipe", "dino", *TINY, "--out-dim", "16", "--batch-size", "4", "--global-size", "16",
+            "--local-crops", "0", "--device", "cpu"]
 
 
 def run(*args, **kw):

@@ -8,8 +8,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from protloc.errors import ProtlocError
-from protloc.folds import scored_classes, splits
-from protloc.knn import KnnResult, cross_validate, format_table, knn_scores, predict, results_to_json
+from protloc.folds import predict, scored_classes, splits
+from protloc.knn import KnnResult, cross_validate, format_table, knn_scores, results_to_json
 from protloc.labels import Matched
 
 T = 0.07

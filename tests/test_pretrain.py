@@ -24,8 +24,9 @@ from protloc.synth import write_dataset
 TINY = dict(arch="vit_tiny", patch=8, out_dim=64, batch_size=4, lr=1e-3, warmup_epochs=0.5,
             warmup_teacher_temp_epochs=0.5, freeze_last_layer=0.0,
             crops=MultiCropConfig(global_size=32, local_size=16, local_crops=2))
-TINY_FLAGS = ["--arch", "vit_tiny", "--patch", "8", "--out-dim", "64", "--batch-size", "4", "--global-size", "32",
-              "--local-size", "16", "--local-crops", "2", "--warmup-epochs", "0.5", "--workers", "0"]
+# TINY as flags (TINY is a PretrainConfig: the dino recipe's defaults)
+TINY_FLAGS = ["--recipe", "dino", "--arch", "vit_tiny", "--patch", "8", "--out-dim", "64", "--batch-size", "4",
+              "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--warmup-epochs", "0.5", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_cli_pretrain_log_then_embed(cells, tmp_path):
     assert run_cli(["embed", cells, "--weights", ckpt, "--workers", "0", "-o", emb]).exit_code == 0
     with np.load(emb) as z:
         assert z["embeddings"].shape == (12, 192)
-        assert json.loads(str(z["meta"]))["normalize"] == "dataset"  # recorded by the default recipe, small
+        assert json.loads(str(z["meta"]))["normalize"] == "image"  # as --recipe dino records
     # the run is complete: resuming has nothing to do; a new run needs --force
     again = run_cli(["pretrain", cells, "-o", ckpt, "--resume"])
     assert again.exit_code == 1 and "already complete" in again.stderr
@@ -129,8 +130,8 @@ def test_cli_pretrain_log_then_embed(cells, tmp_path):
 
 def test_init_from_a_protloc_checkpoint(cells, tmp_path):
     first = tmp_path / "first.pt"
-    assert run_cli(["pretrain", cells, "-o", first, "--steps", "1", *TINY_FLAGS]).exit_code == 0
-    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1}), tmp_path / "second.pt",
+    assert run_cli(["pretrain", cells, "-o", first, "--steps", "1", *TINY_FLAGS, "--depth", "1"]).exit_code == 0
+    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1, "depth": 1}), tmp_path / "second.pt",
                       workers=0, init=str(first))
     torch.testing.assert_close(trainer.student.backbone.state_dict()["pos_embed"],
                                load_checkpoint(first)["model"]["pos_embed"])

@@ -21,17 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    """24 fields of 24 x 24, 2 channels, uint16; class b is 4x brighter in channel 0; 6 groups."""
+    """40 fields of 24 x 24, 2 channels, uint16; class b is 4x brighter in channel 0; 8 groups."""
     folder = tmp_path_factory.mktemp("cells")
     rng = np.random.default_rng(0)
     rows = []
-    for k in range(24):
+    for k in range(40):
         label = "ab"[k % 2]
         image = rng.integers(0, 500, (2, 24, 24), dtype=np.uint16)
         if label == "b":
             image[0] *= 4
         tifffile.imwrite(folder / f"f{k:02d}.tif", image)
-        rows.append(f"f{k:02d}.tif,{label},g{k % 6}\n")
+        rows.append(f"f{k:02d}.tif,{label},g{k % 8}\n")
     (folder / "labels.csv").write_text("path,label,group\n" + "".join(rows))
     return folder
 
@@ -62,7 +62,7 @@ def test_raw_pixels_and_scores(labelled):
     separates the classes, so k-NN and the probe score them perfectly on grouped folds."""
     s = real_data_eval.EvalSet("cells", [str(labelled)], str(labelled / "labels.csv"), group_column="group")
     ids, x = real_data_eval.raw_pixels(discover([str(labelled)]), s, workers=0)
-    assert x.shape == (24, 2 * real_data_eval.RAW_SIZE ** 2) and len(ids) == 24
+    assert x.shape == (40, 2 * real_data_eval.RAW_SIZE ** 2) and len(ids) == 40
     np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(x.std(0), 1, atol=1e-4)
     row = real_data_eval.scores(ids, x, s)

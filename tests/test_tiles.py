@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from protloc.cli import main
 from protloc.data import ViewOptions, loader
+from protloc.ids import image_of
 from protloc.sources import discover
 from protloc.synth import write_dataset
-from protloc.tiles import image_id, mean_per_image, tile_origins
+from protloc.tiles import mean_per_image, tile_origins
 
 RANDOM = ["--weights", "random", "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--workers", "0"]
 
@@ -48,7 +49,7 @@ def test_tiles_cover_the_image_as_documented(height, width, tile, stride):
 def test_default_stride_is_the_tile_and_image_ids():
     assert tile_origins(1024, 1024, 256) == [(y, x) for y in (0, 256, 512, 768) for x in (0, 256, 512, 768)]
     assert tile_origins(100, 60, 50, 40) == [(0, 0), (0, 10), (40, 0), (40, 10), (50, 0), (50, 10)]
-    assert image_id("d/a.tif#tile=12") == "d/a.tif" and image_id("d/a.tif") == "d/a.tif"
+    assert image_of("d/a.tif#tile=12") == "d/a.tif" and image_of("d/a.tif") == "d/a.tif"
 
 
 def test_mean_per_image_across_batch_boundaries():

@@ -118,7 +118,7 @@ def test_finetune_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp
     assert json.loads((tmp_path / "m.json").read_text())["meta"]["rows"] == 4
 
 
-PRETRAIN = [*TINY, "--out-dim", "16", "--global-size", "16", "--local-size", "16", "--local-crops", "1",
+PRETRAIN = ["--recipe", "dino", *TINY, "--out-dim", "16", "--global-size", "16", "--local-size", "16", "--local-crops", "1",
             "--batch-size", "1", "--workers", "0", "--device", "cpu", "--warmup-epochs", "0"]
 
 
