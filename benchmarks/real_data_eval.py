@@ -60,7 +60,7 @@ from protloc.folds import scored_classes
 from protloc.knn import cross_validate as cross_validate_knn
 from protloc.labels import match_rows, read_labels
 from protloc.pretrain import Trainer, build_models, recorded_config
-from protloc.recipes import changes, resolve
+from protloc.recipes import RECIPES, changes, resolve, settings
 from protloc.sources import discover
 from protloc.synth import write_dataset
 
@@ -195,13 +195,17 @@ def main():
     names = args.sets.split(",")
     if args.checkpoint and len(names) != 1:
         ap.error("--checkpoint scores one set: give --sets NAME")
-    recipe = recorded_config(args.checkpoint).recipe if args.checkpoint else args.recipe
-    changed = ", ".join(f"{k}={v}" for k, v in changes(recipe).items())
+    if args.checkpoint:  # the run's settings where they differ from its recipe's (steps aside)
+        run = recorded_config(args.checkpoint)
+        recipe, base = run.recipe, settings(RECIPES[run.recipe])
+        changed = {k: v for k, v in settings(run).items() if v != base[k] and k != "steps"}
+        what = f"recipe {recipe}" + "".join(f", {k}={v}" for k, v in changed.items()) + f": {args.checkpoint}"
+    else:
+        recipe = args.recipe
+        what = f"recipe {recipe} (the reference's except " + ", ".join(f"{k}={v}" for k, v in changes(recipe).items()) + ")"
     table = Table(args.out)
     table.add(f"# protloc real-data evaluation: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads; recipe {recipe}"
-              + (f" (the reference's except {changed})" if changed else "")
-              + (f"; {args.checkpoint}" if args.checkpoint else ""))
+              f"{torch.__version__}, {torch.get_num_threads()} threads; {what}")
     table.add(f"# macro F1: pooled out-of-fold, and per fold mean±std ({FOLDS} folds); k-NN (protloc knn, T 0.07) "
               "and the linear probe (finetune --freeze)")
     table.add(f"{'set':<15} {'features':<11} " + "  ".join(f"{c:<19}" for c in [f"k-NN k={k}" for k in KS] + ["probe"]))
