@@ -169,8 +169,8 @@ def pretrain_command(ctx, data, output, resume, init, stop_at, checkpoint_every,
     `torchrun --nproc-per-node N -m protloc -- pretrain ...` (only rank 0 writes).
 
     \b
-    protloc pretrain cells/ -o dino.pt --recipe small --steps 600       # a few thousand images, a CPU
-    protloc pretrain cells/ -o dino.pt --arch vit_small --epochs 100 --log train.jsonl
+    protloc pretrain cells/ -o dino.pt --steps 1200     # recipe small: up to ~10^5 images, a CPU or one GPU
+    protloc pretrain cells/ -o dino.pt --recipe dino --epochs 100 --log train.jsonl   # many images, many GPUs
     protloc pretrain cells/ -o dino.pt --resume      # continue after a stop or crash
     """
     cfg = _config(ctx)

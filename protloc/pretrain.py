@@ -66,8 +66,10 @@ class PretrainConfig:
     normalize: str = setting(  # of the crops, and embed's default
         "image", f"Crops standardized with their whole image's channel mean / std (image), or its {PERCENT} range "
         f"mapped to 0-1 (percentile), or the data set's {PERCENT} range per channel mapped to 0-1 (dataset: keeps "
-        f"brightness differences between images; estimated from a sample of up to {MAX_IMAGES} images, reported "
-        "on stderr); recorded in the checkpoint, so embed uses the same.", choices=NORMALIZE)
+        f"brightness differences between images, such as a protein absent from a cell; estimated from a sample of up "
+        f"to {MAX_IMAGES} images, reported on stderr); recorded in the checkpoint, so embed uses the same. Choose by "
+        "what brightness means in your data: image where expression varies by protein and only the pattern counts.",
+        choices=NORMALIZE)
     embed_size: int | None = setting(
         None, "The view size (0: native) that embed, finetune and predict use with this checkpoint unless given "
         "--size.", min=0, metavar="SIZE", zero_is_none=True)
