@@ -199,7 +199,8 @@ def cell_options(inherit: str | None = None):
 # click parameter -> the ViewOptions field it sets
 VIEW_FLAGS = {name: name for name in ("size", "normalize", "pool", "tile", "stride", "aggregate", "cells", "cell_size",
                                       "mask_outside", "border", "channels", "channel_suffixes", "z", "axes", "series",
-                                      "max_pixels", "channel_strategy", "fill", "model_channels")} | {"seed": "strategy_seed"}
+                                      "max_pixels", "channel_strategy", "fill", "model_channels")}
+VIEW_FLAGS["seed"] = "strategy_seed"
 
 
 def view_flags(ctx) -> dict:

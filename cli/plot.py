@@ -132,7 +132,8 @@ def embedding_command(emb, labels_path, ids_path, id_column, label_column, metho
 @plot_command.command("attention")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
 @click.option("--weights", required=True, metavar="CKPT|random",
-              help="The backbone: a protloc checkpoint, a foreign one, or 'random' from --arch/--patch/--layout/--depth.")
+              help="The backbone: a protloc checkpoint, a foreign one, or 'random' from "
+                   "--arch/--patch/--layout/--depth.")
 @architecture_options("a random backbone")
 @channel_options()
 @click.option("--channels", callback=_channel_names, metavar="NAMES",
@@ -171,7 +172,8 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     maps = attention_maps(model, sources, opts, resolve_device(device))
     c = model.config
     name = "random init" if weights == "random" else os.path.basename(weights)
-    fig = plots.attention_figure(maps, title or f"CLS attention of the last block: {name} ({c.arch}/{c.patch}, {c.depth} blocks)")
+    fig = plots.attention_figure(
+        maps, title or f"CLS attention of the last block: {name} ({c.arch}/{c.patch}, {c.depth} blocks)")
     _write(fig, output, fmt, dpi, quiet)
 
 
