@@ -14,14 +14,14 @@ from protloc.cli.options import (architecture_options, cell_options, channel_opt
 from protloc.data import ViewOptions, model_view
 from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
-from protloc.embeddings import RowWriter, write_embeddings, write_ids
+from protloc.embeddings import EXTENSIONS, RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
 from protloc.shard import gather_to_main, my_slice
 from protloc.sources import discover
 
 
 def _check_output(output: str) -> None:
-    if output != "-" and os.path.splitext(output)[1].lower() not in (".npy", ".npz"):
+    if output != "-" and os.path.splitext(output)[1].lower() not in EXTENSIONS:
         raise click.BadParameter(f"{output}: the output must end in .npy or .npz (or be - for stdout)",
                                  param_hint="'-o' / '--output'")
 

@@ -22,7 +22,7 @@ from protloc.crossval import cross_validate, final_split, format_table, plan, su
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import load_backbone
-from protloc.embeddings import read_embeddings
+from protloc.embeddings import is_embeddings, read_embeddings
 from protloc.errors import ProtlocError
 from protloc.finetune import STEP_SETTINGS, FinetuneConfig, check_mode, steps_per_epoch
 from protloc.finetune_setup import labelled_images, prepare_embeddings, prepare_images
@@ -36,10 +36,6 @@ from protloc.sources import discover
 log = logging.getLogger("protloc.cli")
 
 NOTHING_WRITTEN = "during fine-tuning; nothing written (fine-tuning has no resume: rerun it)"
-
-
-def _is_embeddings(inputs) -> bool:
-    return len(inputs) == 1 and inputs[0].lower().endswith((".npy", ".npz"))
 
 
 def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
@@ -159,7 +155,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     protloc finetune cells/ --labels labels.csv --weights dino.pt --size 224 -o model.pt
     protloc finetune fields/ --labels labels.csv --weights dino.pt --freeze --cells fields/masks -o cells.pt
     """
-    from_embeddings = _is_embeddings(inputs)
+    from_embeddings = is_embeddings(inputs)
     if folds == 1:
         raise click.UsageError("--folds 1 is no cross-validation: give 0 (only fit MODEL) or at least 2")
     if output is None and folds == 0:

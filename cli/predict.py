@@ -17,7 +17,7 @@ from protloc.cli.options import (cell_options, channel_options, check_views, com
                                  dataset_normalization, device_option, show_progress, view_flags, view_options)
 from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed
-from protloc.embeddings import read_embeddings
+from protloc.embeddings import is_embeddings, read_embeddings
 from protloc.errors import ProtlocError
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
@@ -96,7 +96,7 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
         check_destination(output, force)
     clf = load_classifier(weights)
     start = time.perf_counter()
-    if len(data) == 1 and data[0].lower().endswith((".npy", ".npz")):
+    if is_embeddings(data):
         emb = read_embeddings(data[0], ids_path, need_ids=True)
         _check_embeddings_backbone(clf, emb.meta, emb.source)
         probs = clf.probabilities(emb.x)
