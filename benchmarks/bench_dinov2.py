@@ -74,7 +74,8 @@ def main():
     base, base_cpu = statistics.median(wall["DINO (demo)"]), statistics.median(cpu["DINO (demo)"])
     for name in FLAGS:
         t, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        lines.append(f"{name:<22} {t:>12.3f} {100 * (t / base - 1):>+8.0f}% {c:>11.3f} {100 * (c / base_cpu - 1):>+8.0f}%")
+        lines.append(f"{name:<22} {t:>12.3f} {100 * (t / base - 1):>+8.0f}% "
+                     f"{c:>11.3f} {100 * (c / base_cpu - 1):>+8.0f}%")
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:

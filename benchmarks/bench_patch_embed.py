@@ -114,7 +114,8 @@ def main():
             floor = max(bytes_ / bandwidth / 1e6, fl / matmul / 1e9)
             t = times["triton"]
             table.add(f"{layout:<8}{C:>2}{p:>3}{D:>5} {name:<8}{times['torch']:>9.3f}{t:>10.3f}"
-                      f"{times['torch'] / t:>8.2f}x{bytes_ / t / 1e6:>7.0f}{fl / t / 1e9:>8.1f}{floor:>9.3f}{t / floor:>7.2f}x")
+                      f"{times['torch'] / t:>8.2f}x{bytes_ / t / 1e6:>7.0f}{fl / t / 1e9:>8.1f}"
+                      f"{floor:>9.3f}{t / floor:>7.2f}x")
         # the weight gradient alone: Triton gather kernel vs unfold + cuBLAS
         weight = params[0]
         ms_triton = median_ms(lambda: patch_embed_weight_grad(pixels, scale, shift, grad, weight, layout == "channel",

@@ -110,7 +110,8 @@ def main():
                 table.add(f"{arch:<10} {backend:<8} {packed[0]:>12.2f} {per_size[0]:>14.2f} {packed[1]:>13.2f} "
                      f"{per_size[1]:>15.2f} {packed[1] / per_size[1]:>22.2f}x")
             if (arch, "triton") in packed_by_backend and (arch, "torch") in packed_by_backend:
-                (step_k, model_k), (step_t, model_t) = packed_by_backend[arch, "triton"], packed_by_backend[arch, "torch"]
+                step_k, model_k = packed_by_backend[arch, "triton"]
+                step_t, model_t = packed_by_backend[arch, "torch"]
                 table.add(f"{arch:<10} packed, triton over torch: model step {model_k / model_t:.2f}x, "
                      f"end to end {step_k / step_t:.2f}x")
 

@@ -120,7 +120,8 @@ def main():
           f"{os.getloadavg()[0]:.1f} load", flush=True)
 
     results = {"random-init": evaluate("random-init", random_init, view, sources, rows, matched, args),
-               f"pretrained ({args.steps} steps)": evaluate("pretrained", pretrained, view, sources, rows, matched, args)}
+               f"pretrained ({args.steps} steps)":
+                   evaluate("pretrained", pretrained, view, sources, rows, matched, args)}
     protocols = {"knn": f"k-NN, k = 10 ({args.folds} folds)",
                  "frozen": f"frozen linear head ({args.folds} folds x {args.seeds} seeds)",
                  "full": f"full fine-tuning, {args.ft_epochs} epochs ({args.folds} folds x {args.ft_seeds} seeds)"}

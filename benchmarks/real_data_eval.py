@@ -88,7 +88,8 @@ def real_sets(synth_dir: str) -> dict[str, EvalSet]:
     return {
         "synth": EvalSet("synth", [synth_dir], os.path.join(synth_dir, "labels.csv"), group_column="group"),
         "yeast": EvalSet("yeast", [str(SHARED / "yeast_crops")], str(SHARED / "yeast_crops" / "labels.csv"),
-                         id_column="protein_file", label_column="control_localization", channel_suffixes=["gfp", "rfp"]),
+                         id_column="protein_file", label_column="control_localization",
+                         channel_suffixes=["gfp", "rfp"]),
         "hpa_cells": EvalSet("hpa_cells", [str(SHARED / "hpa_cells")], str(SHARED / "hpa_cells" / "labels.csv"),
                              id_column="protein_file", label_column="hpa_main_location",
                              channel_suffixes=["blue", "green", "red"], steps=600),
@@ -202,7 +203,8 @@ def main():
         what = f"recipe {recipe}" + "".join(f", {k}={v}" for k, v in changed.items()) + f": {args.checkpoint}"
     else:
         recipe = args.recipe
-        what = f"recipe {recipe} (the reference's except " + ", ".join(f"{k}={v}" for k, v in changes(recipe).items()) + ")"
+        what = (f"recipe {recipe} (the reference's except "
+                + ", ".join(f"{k}={v}" for k, v in changes(recipe).items()) + ")")
     table = Table(args.out)
     table.add(f"# protloc real-data evaluation: {platform.machine()}, {os.cpu_count()} CPU cores, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads; {what}")

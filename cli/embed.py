@@ -14,14 +14,14 @@ from protloc.cli.options import (architecture_options, cell_options, channel_opt
 from protloc.data import ViewOptions, model_view
 from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
-from protloc.embeddings import RowWriter, write_embeddings, write_ids
+from protloc.embeddings import EXTENSIONS, RowWriter, write_embeddings, write_ids
 from protloc.output import check_destination
 from protloc.shard import gather_to_main, my_slice
 from protloc.sources import discover
 
 
 def _check_output(output: str) -> None:
-    if output != "-" and os.path.splitext(output)[1].lower() not in (".npy", ".npz"):
+    if output != "-" and os.path.splitext(output)[1].lower() not in EXTENSIONS:
         raise click.BadParameter(f"{output}: the output must end in .npy or .npz (or be - for stdout)",
                                  param_hint="'-o' / '--output'")
 
@@ -48,7 +48,8 @@ def _check_output(output: str) -> None:
 @common
 @click.pass_context
 def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, depth, size, normalize, pool, tile, stride,
-                  aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, series, max_pixels,
+                  aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels,
+                  batch_size, workers, on_error, seed, force, channels, channel_suffixes, z, axes, series, max_pixels,
                   device, quiet):
     """Embed images: one vector per image (or per tile or cell), rows in input order.
 
@@ -91,7 +92,8 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
 
     record = model_view(opts, model.config).to_record()
     record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
-    meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(), "skipped": [i for i, _ in stats.skipped]}
+    meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(),
+            "skipped": [i for i, _ in stats.skipped]}
     if tile and not aggregate:  # rows are tiles: where each lies in its image
         meta["tile_origins"] = [m["origin"] for m in stats.view_meta]
     if cells and not aggregate:  # rows are cells: where each lies in its image
@@ -105,8 +107,9 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     if not quiet:
         ranks = f" on {world.size} processes" if world.size > 1 else ""
         views = f" as {stats.views} tile(s)" if tile else f" as {stats.views} cell(s)" if cells else ""
-        click.echo(f"protloc: embedded {stats.images} image(s){views} -> ({writer.rows}, {writer.dim}) in {elapsed:.1f} s "
-                   f"({stats.images / elapsed:.1f} img/s, {stats.data_wait_s / elapsed:.0%} waiting for data)"
+        click.echo(f"protloc: embedded {stats.images} image(s){views} -> ({writer.rows}, {writer.dim}) "
+                   f"in {elapsed:.1f} s ({stats.images / elapsed:.1f} img/s, "
+                   f"{stats.data_wait_s / elapsed:.0%} waiting for data)"
                    + (f"; skipped {len(stats.skipped)}" if stats.skipped else "") + ranks, err=True)
 
 

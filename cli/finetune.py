@@ -22,7 +22,7 @@ from protloc.crossval import cross_validate, final_split, format_table, plan, su
 from protloc.data import ViewOptions
 from protloc.device import resolve_device
 from protloc.embed import load_backbone
-from protloc.embeddings import read_embeddings
+from protloc.embeddings import is_embeddings, read_embeddings
 from protloc.errors import ProtlocError
 from protloc.finetune import STEP_SETTINGS, FinetuneConfig, check_mode, steps_per_epoch
 from protloc.finetune_setup import labelled_images, prepare_embeddings, prepare_images
@@ -36,10 +36,6 @@ from protloc.sources import discover
 log = logging.getLogger("protloc.cli")
 
 NOTHING_WRITTEN = "during fine-tuning; nothing written (fine-tuning has no resume: rerun it)"
-
-
-def _is_embeddings(inputs) -> bool:
-    return len(inputs) == 1 and inputs[0].lower().endswith((".npy", ".npz"))
 
 
 def _fine_tuning_step(ctx, fits: list, cfg: FinetuneConfig, received: list):
@@ -125,25 +121,27 @@ def _chosen_C(values) -> str:
 @cell_options()
 @channel_options()
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB (as written by `protloc embed --ids`).")
-@click.option("--id-column", default=None, help="Labels column matched to the images / row ids. Default: path, else id.")
+@click.option("--id-column", default=None,
+              help="Labels column matched to the images / row ids. Default: path, else id.")
 @click.option("--label-column", default="label", help="Labels column holding the class(es).")
 @click.option("--group-column", default="group", help="Labels column holding groups (used when present).")
 @click.option("--no-groups", is_flag=True,
               help="Ignore the labels' group column: folds split by image (its tiles and cells stay together), the "
                    "ungrouped protocol, chosen explicitly.")
 @click.option("--json", "json_path", metavar="FILE",
-              help="Write the metrics as JSON: every fold and seed, mean ± std macro F1, per-class F1, confusion matrix.")
+              help="Write the metrics as JSON: every fold and seed, mean ± std macro F1, per-class F1, "
+                   "confusion matrix.")
 @click.option("--force", is_flag=True, help="Overwrite existing MODEL / --json files.")
 @data_options
 @device_option
 @common
 @click.pass_context
 def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, patch, layout, depth, head_kind, folds,
-                     seeds, seed, fraction, val_fraction, balance, epochs, min_steps, patience, lr, weight_decay, batch_size,
-                     backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells, cell_size,
-                     mask_outside, border, channel_strategy, fill, model_channels, ids_path,
-                     id_column, label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes, series,
-                     max_pixels, workers, on_error, device, quiet):
+                     seeds, seed, fraction, val_fraction, balance, epochs, min_steps, patience, lr, weight_decay,
+                     batch_size, backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells,
+                     cell_size, mask_outside, border, channel_strategy, fill, model_channels, ids_path, id_column,
+                     label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes,
+                     series, max_pixels, workers, on_error, device, quiet):
     """Train a localization classifier and cross-validate it: per-class F1 and macro F1 of the pooled
     out-of-fold predictions, beside the per-fold macro F1 (mean ± std over folds x seeds).
 
@@ -157,7 +155,7 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     protloc finetune cells/ --labels labels.csv --weights dino.pt --size 224 -o model.pt
     protloc finetune fields/ --labels labels.csv --weights dino.pt --freeze --cells fields/masks -o cells.pt
     """
-    from_embeddings = _is_embeddings(inputs)
+    from_embeddings = is_embeddings(inputs)
     if folds == 1:
         raise click.UsageError("--folds 1 is no cross-validation: give 0 (only fit MODEL) or at least 2")
     if output is None and folds == 0:
@@ -208,7 +206,8 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         opts = dataset_normalization(opts, weights, sources, workers, on_error, quiet)
         with tqdm(total=len(sources), unit="img", desc="embedding", disable=not (freeze and show_progress(ctx)),
                   file=sys.stderr) as bar:
-            run = prepare_images(model, meta, sources, matched, labels, opts, cfg, device, workers, on_error, bar.update)
+            run = prepare_images(model, meta, sources, matched, labels, opts, cfg, device, workers, on_error,
+                                 bar.update)
     task, rows, cfg = run.task, run.rows, run.cfg
     if not quiet:
         click.echo(f"protloc: {len(rows.ids)} labelled row(s), {len(rows.classes)} classes"
@@ -249,9 +248,10 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
 
     settings = {"protloc": __version__, "input": inputs[0] if from_embeddings else list(inputs),
                 "labels": labels_path, "rows": len(rows.ids), "classes": rows.classes, "multilabel": rows.multilabel,
-                "grouped": rows.groups is not None, "no_groups": no_groups, "folds": folds, "seeds": seeds, "seed": seed,
-                "fraction": fraction, **cfg.to_dict(),
-                "probe": {"C_grid": list(PROBE_C), "inner_folds": PROBE_FOLDS, "max_iter": PROBE_MAX_ITER} if cfg.probe else None}
+                "grouped": rows.groups is not None, "no_groups": no_groups, "folds": folds, "seeds": seeds,
+                "seed": seed, "fraction": fraction, **cfg.to_dict(),
+                "probe": ({"C_grid": list(PROBE_C), "inner_folds": PROBE_FOLDS, "max_iter": PROBE_MAX_ITER}
+                          if cfg.probe else None)}
     if output is not None:
         cv = {k: report[k] for k in ("macro_f1_pooled", "macro_f1", "accuracy")} if report else None
         save_classifier(output, fitted.head, classes=rows.classes, multilabel=rows.multilabel, views=run.views,

@@ -33,7 +33,8 @@ def _finite(_ctx, param, value):
 @click.argument("embs", metavar="EMB...", nargs=-1, required=True)
 @click.option("--labels", "labels_path", required=True, metavar="CSV",
               help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
-@click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
+@click.option("--ids", "ids_path", metavar="FILE",
+              help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
 @click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.07, callback=_finite,
               help="Vote weight exp(similarity / T), as in DINO; any finite T > 0 (computed stably).")
@@ -74,7 +75,8 @@ def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_gro
         suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
         matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
         if not quiet:
-            click.echo(f"protloc: {emb_file.source}: {len(matched.rows)} labelled row(s), {len(matched.classes)} classes"
+            click.echo(f"protloc: {emb_file.source}: {len(matched.rows)} labelled row(s), "
+                       f"{len(matched.classes)} classes"
                        f"{' (multi-label)' if matched.multilabel else ''}"
                        + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
         results = cross_validate(emb_file.x, matched, ks=ks, folds=folds, loo=loo, temperature=temperature, seed=seed)

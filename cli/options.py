@@ -72,7 +72,8 @@ def common(f):
     return f
 
 
-def _channel_names(_ctx, param, value):
+def channel_names(_ctx, param, value):
+    """click callback of a NAMES option: comma-separated names -> list (protloc.channels.parse_names)."""
     try:
         return parse_names(value)
     except ProtlocError as e:
@@ -105,7 +106,7 @@ def data_options(f):
     f = click.option("--channel-suffixes", callback=lambda c, p, v: v.split(",") if v else None, metavar="A,B,..",
                      help="One file per channel: X_a.tif + X_b.tif make one image X; the suffixes name the "
                           "channels (blue,green,red,yellow = nucleus,protein,microtubules,er; gfp = protein).")(f)
-    f = click.option("--channels", callback=_channel_names, metavar="NAMES",
+    f = click.option("--channels", callback=channel_names, metavar="NAMES",
                      help="Comma-separated channel names: name the channels in file order, or select and "
                           "reorder channels of files that store names (OME). Default: as stored.")(f)
     return f
@@ -155,7 +156,7 @@ def channel_options(inherit: str | None = None):
     model's input slots (protloc/channel_map.py). With `inherit`, defaults are recorded there."""
     def decorate(f):
         recorded = f" Default: as recorded in {inherit}." if inherit else ""
-        f = click.option("--model-channels", callback=_channel_names, metavar="NAMES",
+        f = click.option("--model-channels", callback=channel_names, metavar="NAMES",
                          help="Names of the model's input channels, in order: needed for foreign checkpoints with "
                               "other than 3 (r,g,b = microtubules,protein,nucleus) or 4 (DINO4Cells: "
                               "microtubules,protein,nucleus,er) channels; renames a protloc model's." + recorded)(f)
@@ -199,7 +200,8 @@ def cell_options(inherit: str | None = None):
 # click parameter -> the ViewOptions field it sets
 VIEW_FLAGS = {name: name for name in ("size", "normalize", "pool", "tile", "stride", "aggregate", "cells", "cell_size",
                                       "mask_outside", "border", "channels", "channel_suffixes", "z", "axes", "series",
-                                      "max_pixels", "channel_strategy", "fill", "model_channels")} | {"seed": "strategy_seed"}
+                                      "max_pixels", "channel_strategy", "fill", "model_channels")}
+VIEW_FLAGS["seed"] = "strategy_seed"
 
 
 def view_flags(ctx) -> dict:

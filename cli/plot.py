@@ -7,9 +7,8 @@ from pathlib import Path
 import click
 
 from protloc import plot_data, plots
-from protloc.cli.options import (architecture_options, channel_options, common, dataset_normalization, device_option,
-                                 view_from_flags)
-from protloc.channels import parse_names
+from protloc.cli.options import (architecture_options, channel_names, channel_options, common, dataset_normalization,
+                                 device_option, view_from_flags)
 from protloc.data import NORMALIZATIONS, ViewOptions
 from protloc.embeddings import read_embeddings
 from protloc.errors import ProtlocError
@@ -48,13 +47,6 @@ def _write(fig, output: str, fmt: str, dpi: int, quiet: bool) -> None:
         plots.save(fig, tmp, fmt, dpi)
     if not quiet:
         click.echo(f"protloc: wrote {output}", err=True)
-
-
-def _channel_names(_ctx, param, value):
-    try:
-        return parse_names(value)
-    except ProtlocError as e:
-        raise click.BadParameter(str(e), param=param) from None
 
 
 @click.group("plot")
@@ -132,10 +124,11 @@ def embedding_command(emb, labels_path, ids_path, id_column, label_column, metho
 @plot_command.command("attention")
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True)
 @click.option("--weights", required=True, metavar="CKPT|random",
-              help="The backbone: a protloc checkpoint, a foreign one, or 'random' from --arch/--patch/--layout/--depth.")
+              help="The backbone: a protloc checkpoint, a foreign one, or 'random' from "
+                   "--arch/--patch/--layout/--depth.")
 @architecture_options("a random backbone")
 @channel_options()
-@click.option("--channels", callback=_channel_names, metavar="NAMES",
+@click.option("--channels", callback=channel_names, metavar="NAMES",
               help="Comma-separated channel names in file order, or a selection of named channels. Default: as stored.")
 @click.option("--size", type=click.IntRange(min=0), default=None,
               help="Resize each image to SIZE x SIZE first (as embed --size; 0: native size). Default: the model's "
@@ -171,7 +164,8 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
     maps = attention_maps(model, sources, opts, resolve_device(device))
     c = model.config
     name = "random init" if weights == "random" else os.path.basename(weights)
-    fig = plots.attention_figure(maps, title or f"CLS attention of the last block: {name} ({c.arch}/{c.patch}, {c.depth} blocks)")
+    fig = plots.attention_figure(
+        maps, title or f"CLS attention of the last block: {name} ({c.arch}/{c.patch}, {c.depth} blocks)")
     _write(fig, output, fmt, dpi, quiet)
 
 

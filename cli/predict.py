@@ -13,11 +13,11 @@ from tqdm import tqdm
 from protloc.cells import image_sources
 from protloc.checkpoint import file_sha256
 from protloc.classifier import load_classifier, prediction_view, tsv_header, tsv_rows
-from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options, dataset_normalization,
-                                 device_option, show_progress, view_flags, view_options)
+from protloc.cli.options import (cell_options, channel_options, check_views, common, data_options,
+                                 dataset_normalization, device_option, show_progress, view_flags, view_options)
 from protloc.device import resolve_device
 from protloc.embed import EmbedStats, embed
-from protloc.embeddings import read_embeddings
+from protloc.embeddings import is_embeddings, read_embeddings
 from protloc.errors import ProtlocError
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
@@ -44,7 +44,8 @@ def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
     if ref.get("fine_tuned"):
         same = meta.get("sha256") == file_sha256(clf.source)
     elif meta.get("weights") == "random":
-        same = ref.get("weights") == "random" and ref.get("seed") == meta.get("seed") and ref.get("config") == meta.get("config")
+        same = (ref.get("weights") == "random" and ref.get("seed") == meta.get("seed")
+                and ref.get("config") == meta.get("config"))
     elif meta.get("sha256"):
         same = meta["sha256"] in {ref.get("sha256")} | ({file_sha256(clf.source)} if ref.get("included") else set())
     else:
@@ -74,7 +75,8 @@ def _check_embeddings_backbone(clf, meta: dict, source: str) -> None:
 @common
 @click.pass_context
 def predict_command(ctx, data, weights, output, backbone_path, size, normalize, pool, tile, stride, aggregate,
-                    cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size, ids_path, force, channels, channel_suffixes, z, axes, series, max_pixels, workers, on_error,
+                    cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels, batch_size,
+                    ids_path, force, channels, channel_suffixes, z, axes, series, max_pixels, workers, on_error,
                     device, quiet):
     """Predict localizations: a TSV with id, predicted class(es) (a;b for multi-label) and one
     probability column per class; rows in input order, one per image (per tile with --tile, per
@@ -94,7 +96,7 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
         check_destination(output, force)
     clf = load_classifier(weights)
     start = time.perf_counter()
-    if len(data) == 1 and data[0].lower().endswith((".npy", ".npz")):
+    if is_embeddings(data):
         emb = read_embeddings(data[0], ids_path, need_ids=True)
         _check_embeddings_backbone(clf, emb.meta, emb.source)
         probs = clf.probabilities(emb.x)

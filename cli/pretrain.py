@@ -77,8 +77,8 @@ def _recipes_help(command: click.Command) -> str:
         return f"{max(option.opts, key=len)} {_show(value)}"
     small = " ".join(flag(k, v) for k, v in changes("small").items())
     return ("A whole set of settings (protloc/recipes.py); each flag given replaces one of them. dino: the DINO "
-            "reference's, made for ImageNet on many GPUs. small (the default): for a few hundred to a few hundred thousand images "
-            f"on a CPU or one GPU: dino's except {small}.")
+            "reference's, made for ImageNet on many GPUs. small (the default): for a few hundred to a few hundred "
+            f"thousand images on a CPU or one GPU: dino's except {small}.")
 
 
 def _config(ctx) -> PretrainConfig:

@@ -37,7 +37,8 @@ def backend(op, tensor):
         return "torch"
     if choice == "triton":
         if op not in TRITON_OPS:
-            raise ProtlocError(f"PROTLOC_BACKEND=triton: this install has no Triton kernel for {op} (is triton installed?)")
+            raise ProtlocError(f"PROTLOC_BACKEND=triton: this install has no Triton kernel for {op} "
+                               "(is triton installed?)")
         return "triton"
     return "triton" if op in TRITON_OPS and tensor.is_cuda else "torch"
 

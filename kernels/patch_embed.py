@@ -205,8 +205,8 @@ def patch_embed_weight_grad(pixels, scale, shift, grad, weight, has_chan, comput
     partial = torch.empty(splits, K, D, device=pixels.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(D, meta["BLOCK_N"]), splits)  # noqa: E731
     _patch_embed_bwd_weight[grid](pixels, scale.float().contiguous(), shift.float().contiguous(), grad, partial,
-                                  M, N, K, D, G, Cg, gw, rows_per_split, *pixels.stride(), grad.stride(0), grad.stride(1),
-                                  P=p, PRECISION=_precision(compute_dtype))
+                                  M, N, K, D, G, Cg, gw, rows_per_split, *pixels.stride(), grad.stride(0),
+                                  grad.stride(1), P=p, PRECISION=_precision(compute_dtype))
     return partial.sum(0).t().reshape(D, Cg, p, p)  # (K, D) -> (D, Cg, p, p)
 
 
@@ -214,7 +214,8 @@ class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed):
         compute_dtype = _compute_dtype(weight, pixels.device)
-        out = patch_embed_forward(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed, compute_dtype)
+        out = patch_embed_forward(pixels, scale, shift, weight, bias, pos_embed, cls_token, channel_embed,
+                                  compute_dtype)
         ctx.save_for_backward(pixels, scale, shift, weight)
         ctx.compute_dtype = compute_dtype
         ctx.has_chan = channel_embed is not None

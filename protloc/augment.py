@@ -71,7 +71,8 @@ class MultiCropConfig:
     noise: float = 0.05  # prob 0.5 per crop: + N(0, 1) * U(0, noise) * (crop channel std)
     channel_dropout: float = setting(  # per crop and channel; never all channels
         0.0, "Probability of zeroing a channel of a crop (never the protein channel).", min=0, max=1)
-    normalize: str = "image"  # "image": standardize with the whole image's channel mean/std; "percentile", "dataset": leave as is
+    # "image": standardize with the whole image's channel mean/std; "percentile", "dataset": leave as is
+    normalize: str = "image"
 
     def __post_init__(self):
         if self.normalize not in NORMALIZE:

@@ -84,7 +84,8 @@ def model_from_checkpoint(path, model_channels: list[str] | None = None) -> tupl
         if model_channels is not None and config.layout == "fused":
             if len(model_channels) != len(config.channels):
                 raise ProtlocError(f"{path}: the backbone takes {len(config.channels)} channel(s) "
-                                   f"({', '.join(config.channels)}), not the {len(model_channels)} named: {', '.join(model_channels)}")
+                                   f"({', '.join(config.channels)}), not the {len(model_channels)} named: "
+                                   f"{', '.join(model_channels)}")
             config.channels = list(model_channels)
     else:
         state, kind = backbone_state(obj, path)

@@ -108,7 +108,8 @@ def _carve(y, groups, rows, seed: int, stream: int, multilabel, fraction, val_fr
 def _warn(splits_made: list[Split], ungrouped: int, grouped_labels: bool, val_fraction: float) -> None:
     if grouped_labels and ungrouped:
         log.warning("too few groups to group %d of %d validation split(s): their validation rows may share groups "
-                    "with training rows (they only pick the epoch; test folds stay grouped)", ungrouped, len(splits_made))
+                    "with training rows (they only pick the epoch; test folds stay grouped)",
+                    ungrouped, len(splits_made))
     empty = sum(len(sp.val) == 0 for sp in splits_made)
     if val_fraction > 0 and empty:
         log.warning("%d of %d training part(s) too small for a validation split: those train all epochs",

@@ -129,7 +129,8 @@ class ViewOptions:
         fixed = (("--size", self.size) if self.size is not None else ("--tile", self.tile) if self.tile is not None
                  else ("--cell-size", self.cell_size) if self.cells is not None else None)
         if self.patch is not None and fixed is not None and fixed[1] < self.patch:
-            raise ProtlocError(f"{fixed[0]} {fixed[1]} is smaller than one {self.patch}x{self.patch} patch of the model")
+            raise ProtlocError(f"{fixed[0]} {fixed[1]} is smaller than one {self.patch}x{self.patch} patch "
+                               "of the model")
 
     def to_record(self) -> dict:
         """The view as embeddings files (meta) and MODELs (views) record it, JSON-able: what makes a row
@@ -218,8 +219,9 @@ def check_channels(names: list[str], opts: ViewOptions, source: str) -> None:
             raise ProtlocError(f"{source}: channel(s) {', '.join(unknown)} unknown to the model (it knows "
                                f"{', '.join(opts.known_channels)}); name the channels with --channels")
     if opts.same_channels is not None and tuple(names) != opts.same_channels:
-        raise ProtlocError(f"{source}: channels {', '.join(names)} differ from the run's ({', '.join(opts.same_channels)}): "
-                           "training a channel-layout model takes images with the same channels; select them with --channels")
+        raise ProtlocError(f"{source}: channels {', '.join(names)} differ from the run's "
+                           f"({', '.join(opts.same_channels)}): training a channel-layout model takes images "
+                           "with the same channels; select them with --channels")
 
 
 def check_patch(view_id: str, pixels: np.ndarray, opts: ViewOptions) -> None:

@@ -58,7 +58,8 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
         channels = list(model_channels or opts.channels or []) or None
         if channels is None and layout == "fused":
             channels = probe_channels(sources, opts, on_error)
-        config = ViTConfig(arch=arch, patch=patch, layout=layout, depth=depth, **({"channels": channels} if channels else {}))
+        config = ViTConfig(arch=arch, patch=patch, layout=layout, depth=depth,
+                           **({"channels": channels} if channels else {}))
         torch.manual_seed(seed)
         model = VisionTransformer(config)
         return model, {"weights": "random", "seed": seed, "config": config.to_dict()}
@@ -78,7 +79,8 @@ def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *,
     `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch."""
     if opts.pool not in POOLINGS:
         raise ValueError(f"unknown pooling {opts.pool!r}")
-    if opts.aggregate is not None and (opts.aggregate not in AGGREGATIONS or (opts.tile is None and opts.cells is None)):
+    if opts.aggregate is not None and (opts.aggregate not in AGGREGATIONS
+                                       or (opts.tile is None and opts.cells is None)):
         raise ValueError(f"aggregate {opts.aggregate!r} needs tiles or cells and one of {AGGREGATIONS}")
     stats = stats if stats is not None else EmbedStats()
     rows = _embed_views(model, sources, opts, opts.pool, batch_size, device, workers, on_error, stats, progress)

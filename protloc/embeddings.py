@@ -19,6 +19,13 @@ import numpy as np
 from protloc.errors import ProtlocError
 from protloc.output import atomic_path
 
+EXTENSIONS = (".npy", ".npz")
+
+
+def is_embeddings(paths) -> bool:
+    """Whether command inputs are one embeddings file (.npy / .npz) rather than images."""
+    return len(paths) == 1 and paths[0].lower().endswith(EXTENSIONS)
+
 
 class RowWriter:
     """Collects float32 rows of a known width on disk, then writes them as .npy or .npz.

@@ -75,7 +75,7 @@ class FinetuneConfig:
     balance: str = "weight"
     backbone_lr_scale: float = 0.1
     layer_decay: float = 1.0  # 1: every backbone layer at the same learning rate
-    size: int = 224  # full fine-tuning: the view size of training crops and evaluation (unless the checkpoint records one)
+    size: int = 224  # full fine-tuning: the view size of training crops and evaluation (unless the checkpoint has one)
     pool: str = "cls"  # unless the checkpoint records another
     clip_grad: float = 3.0  # full fine-tuning: global gradient norm clip
 
@@ -281,7 +281,8 @@ def layer_groups(backbone: VisionTransformer, head: Head, cfg: FinetuneConfig) -
         group["params"].append(p)
 
     for name, p in backbone.named_parameters():
-        layer = int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1 if name.startswith("norm.") else 0
+        layer = (int(name.split(".")[1]) + 1 if name.startswith("blocks.")
+                 else depth + 1 if name.startswith("norm.") else 0)
         no_decay = p.ndim == 1 or name.endswith(".bias") or name in ("cls_token", "pos_embed", "channel_embed")
         add(p, cfg.backbone_lr_scale * cfg.layer_decay ** (depth + 1 - layer), not no_decay)
     for name, p in head.named_parameters():

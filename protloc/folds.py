@@ -51,8 +51,9 @@ def require_classes(y: np.ndarray, classes: list[str], source: str) -> None:
     """A classifier, or its evaluation, needs rows of at least 2 classes to tell apart."""
     present = [c for c, n in zip(classes, np.asarray(y).sum(0)) if n > 0]
     if len(present) < 2:
-        raise ProtlocError(f"{source}: the labelled rows hold {'only the class ' + present[0] if present else 'no class'}"
-                           "; a classifier needs at least 2 classes to tell apart")
+        held = f"only the class {present[0]}" if present else "no class"
+        raise ProtlocError(f"{source}: the labelled rows hold {held}; a classifier needs at least 2 classes "
+                           "to tell apart")
 
 
 def _named(classes: list[str], counts, unit: str, mask) -> str:

@@ -139,7 +139,8 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, cu_seqlens, max_seqlen):
-        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), cu_seqlens, self.drop_path_rate, self.training)
+        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), cu_seqlens, self.drop_path_rate,
+                          self.training)
         x = x + drop_path(self.mlp(self.norm2(x)), cu_seqlens, self.drop_path_rate, self.training)
         return x
 

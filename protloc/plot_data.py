@@ -168,7 +168,8 @@ def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np.nd
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if method == "pca":
         pca = PCA(2, random_state=seed).fit(x)
-        return pca.transform(x), [f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(pca.explained_variance_ratio_)]
+        names = [f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(pca.explained_variance_ratio_)]
+        return pca.transform(x), names
     if min(x.shape) > 50:  # the usual t-SNE preprocessing: faster, and the neighbourhoods barely change
         x = PCA(50, random_state=seed).fit_transform(x)
     perplexity = min(30.0, (len(x) - 1) / 3)

@@ -152,7 +152,8 @@ def confusion_figure(conf, title: str = ""):
     ax_f1.set_yticks(range(n), conf.classes, fontsize=fontsize + 1)
     ax_f1.invert_yaxis()  # classes top to bottom, as in the matrix
     mean, std, runs = conf.macro_f1
-    ax_f1.axvline(mean, color="C3", ls="--", label=f"macro F1 {mean:.3f} ± {std:.3f} ({runs} seed{'s' if runs != 1 else ''})")
+    ax_f1.axvline(mean, color="C3", ls="--",
+                  label=f"macro F1 {mean:.3f} ± {std:.3f} ({runs} seed{'s' if runs != 1 else ''})")
     ax_f1.set(xlim=(0, 1), xlabel="F1 (pooled out-of-fold predictions)", title="per-class F1")
     ax_f1.legend(loc="lower right", fontsize="small")
     if title:

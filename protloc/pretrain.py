@@ -232,20 +232,24 @@ class Trainer:
                  view: ViewOptions = ViewOptions(), workers: int = 2, on_error: str = "fail",
                  resume: bool = False, init: str | None = None, checkpoint_every: int = 500, log_path=None):
         self.sources, self.output, self.world = sources, str(output), world
-        self.workers, self.on_error, self.checkpoint_every, self.log_path = workers, on_error, checkpoint_every, log_path
+        self.workers, self.on_error = workers, on_error
+        self.checkpoint_every, self.log_path = checkpoint_every, log_path
         ckpt = load_checkpoint(self.output) if resume else None
         if ckpt is not None:
             cfg = recorded_config(self.output, ckpt)
             if ckpt["n_images"] != len(sources) or ckpt["world_size"] != world.size:
                 raise ProtlocError(f"{self.output}: resuming needs the same data and processes (checkpoint: "
-                                   f"{ckpt['n_images']} images on {ckpt['world_size']}, now {len(sources)} on {world.size})")
+                                   f"{ckpt['n_images']} images on {ckpt['world_size']}, "
+                                   f"now {len(sources)} on {world.size})")
         self.cfg = cfg
         view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
                                    series=cfg.series, normalize=cfg.normalize)
-        channels = ckpt["config"]["channels"] if ckpt is not None else cfg.channels or probe_channels(sources, view, on_error)
+        channels = (ckpt["config"]["channels"] if ckpt is not None
+                    else cfg.channels or probe_channels(sources, view, on_error))
         self.schedules = Schedules.build(cfg, len(sources), world.size)
         if cfg.koleo and cfg.batch_size < 2:
-            raise ProtlocError("--koleo spreads the features of a process's batch apart: it needs --batch-size 2 or more")
+            raise ProtlocError("--koleo spreads the features of a process's batch apart: "
+                               "it needs --batch-size 2 or more")
         # every image is checked against the model on its own (patch, channels), the data set's
         # statistics (normalize "dataset") estimated over the images as training reads them
         self.view, self.dataset_stats_estimated = with_dataset_stats(
@@ -268,7 +272,8 @@ class Trainer:
             load_weights(self.student.backbone, state, init)
             self.teacher.load_state_dict(self.student.state_dict())
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering)
-        self.ibot_loss = iBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering) if cfg.ibot else None
+        self.ibot_loss = (iBOTPatchLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum, cfg.centering)
+                          if cfg.ibot else None)
         for m in (self.student, self.teacher, self.loss_fn, self.ibot_loss):
             if m is not None:
                 m.to(world.device)
@@ -343,7 +348,8 @@ class Trainer:
         masks = None
         if cfg.ibot:  # the same for the teacher (unmasked input) and the student (masked)
             grid = crops[0].shape[-1] // cfg.patch
-            masks = sample_masks(crops[0].shape[0], grid, grid, cfg.mask_ratio, cfg.mask_prob, np.random.default_rng(seed))
+            masks = sample_masks(crops[0].shape[0], grid, grid, cfg.mask_ratio, cfg.mask_prob,
+                                 np.random.default_rng(seed))
             masks = torch.from_numpy(masks).to(self.world.device)
         return crops, n_crops, masks
 

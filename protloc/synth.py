@@ -366,7 +366,8 @@ def _field(rng, label, size, channels, traits):
             autofluo[y0:y1, x0:x1] += v["dome"]
         # Optics: in-focus PSF plus a broad out-of-focus haze; then photons.
         s = psf * crng.uniform(0.95, 1.1)
-        img = (1 - haze) * ndimage.gaussian_filter(signal, s) + haze * ndimage.gaussian_filter(signal, 5 * s, truncate=2.5)
+        img = ((1 - haze) * ndimage.gaussian_filter(signal, s)
+               + haze * ndimage.gaussian_filter(signal, 5 * s, truncate=2.5))
         img = np.maximum(img, 0)  # filtering rounds to tiny negatives; Poisson refuses those
         bright = np.exp(crng.uniform(np.log(15), np.log(2000)))
         if name == "protein":

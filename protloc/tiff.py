@@ -196,8 +196,8 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
     try:
         root = tifffile.TiffFile(master)
     except tifffile.TiffFileError:
-        raise ProtlocError(f"{path}: its OME metadata are in {master}, which is not a TIFF (an OME companion "
-                           "file); protloc reads multi-file OME-TIFFs whose metadata are in one of their TIFFs") from None
+        raise ProtlocError(f"{path}: its OME metadata are in {master}, which is not a TIFF (an OME companion file); "
+                           "protloc reads multi-file OME-TIFFs whose metadata are in one of their TIFFs") from None
     with root:
         root_ome = OmeXml.of(root.pages.first.description, master)
         if root_ome is None or root_ome.master() is not None:

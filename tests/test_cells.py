@@ -279,7 +279,8 @@ def test_finetune_frozen_on_cells_then_predict_cells(fields, tmp_path):
     rows = [line.split("\t") for line in predicted.stdout.strip().splitlines()[1:]]
     assert len(rows) == n_cells and rows[0][0] == f"{sorted(fields.glob('*.tif'))[0]}#cell=1"  # 24 px, pad: inherited
     whole = run(["predict", *sorted(fields.glob("*.tif")), "--weights", model, "--workers", "0"])  # no masks inherited
-    assert whole.exit_code == 0 and len(whole.stdout.strip().splitlines()) == 13 and "trained on single cells" in whole.stderr
+    assert (whole.exit_code == 0 and len(whole.stdout.strip().splitlines()) == 13
+            and "trained on single cells" in whole.stderr)
 
     # one cell labelled on its own: its row takes that label, the image's other cells keep the image's
     lines = (fields / "labels.csv").read_text().splitlines()
@@ -291,4 +292,5 @@ def test_finetune_frozen_on_cells_then_predict_cells(fields, tmp_path):
     result = run(["finetune", fields, "--labels", relabelled, *RANDOM, "--freeze", *args, "--folds", "2",
                   "--no-groups", "--epochs", "2", "--json", tmp_path / "cv2.json"])
     assert result.exit_code == 0, result.output
-    assert run(["finetune", fields, "--labels", fields / "labels.csv", *RANDOM, *args]).exit_code == 2  # not fine-tuning
+    # not fine-tuning
+    assert run(["finetune", fields, "--labels", fields / "labels.csv", *RANDOM, *args]).exit_code == 2

@@ -36,7 +36,8 @@ def cells(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=2, img_size=64, channels=["nucleus", "protein"]))
+    model = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=2, img_size=64,
+                                        channels=["nucleus", "protein"]))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     save_checkpoint(path, model.config, model.state_dict())
     return path
@@ -51,7 +52,8 @@ def one_error_line(result, *needles):
 
 
 def test_shell_pipe_writes_npy_rows_in_input_order(cells, tmp_path):
-    cmd = f"{sys.executable} -m protloc embed {cells} --weights random --arch vit_tiny --patch 8 --ids ids.txt > emb.npy"
+    cmd = (f"{sys.executable} -m protloc embed {cells} --weights random --arch vit_tiny --patch 8 "
+           "--ids ids.txt > emb.npy")
     proc = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     emb = np.load(tmp_path / "emb.npy")
@@ -156,7 +158,8 @@ def test_missing_file_empty_directory_and_no_images(tmp_path):
 
 def test_channel_count_mismatch_names_the_file(tmp_path, checkpoint):
     tifffile.imwrite(tmp_path / "one.tif", np.zeros((32, 32), np.uint16))
-    one_error_line(run(["embed", tmp_path / "one.tif", "--weights", checkpoint, "--workers", "0"]), "1 channel", "takes 2")
+    one_error_line(run(["embed", tmp_path / "one.tif", "--weights", checkpoint, "--workers", "0"]),
+                   "1 channel", "takes 2")
 
 
 def test_foreign_or_broken_checkpoint(tmp_path, cells):
@@ -205,7 +208,8 @@ def test_knn_from_a_pipe_and_its_errors(cells, tmp_path):
 def test_synth_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     one_error_line(run(["synth", tmp_path, "--n", "2", "--size", "32"]), "not empty")
-    assert run(["synth", tmp_path / "new", "--n", "2", "--size", "32", "--channels", "nucleus,protein,er"]).exit_code == 0
+    assert run(["synth", tmp_path / "new", "--n", "2", "--size", "32",
+                "--channels", "nucleus,protein,er"]).exit_code == 0
     assert tifffile.imread(tmp_path / "new" / "field_00000.tif").shape == (3, 32, 32)
 
 
@@ -231,7 +235,8 @@ def test_knn_ignores_unlabelled_rows_correctly(tmp_path):
     x[1::2] += 6.0  # odd images form a far-away cluster: every unlabelled row sits among them
     labelled = [0, 2, 4, 6, 8, 10, 1, 3]  # 6 even (class a) and 2 odd (class b) rows
     np.savez(tmp_path / "e.npz", embeddings=x, ids=np.array(ids), meta=np.array(json.dumps({"cwd": str(tmp_path)})))
-    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"img{i}.tif,{'b' if i % 2 else 'a'}\n" for i in labelled))
+    (tmp_path / "labels.csv").write_text("id,label\n"
+                                         + "".join(f"img{i}.tif,{'b' if i % 2 else 'a'}\n" for i in labelled))
     result = run(["knn", tmp_path / "e.npz", "--labels", tmp_path / "labels.csv", "--loo", "-k", "1"])
     assert result.exit_code == 0, result.output
     assert "4 unlabelled row(s) ignored" in result.stderr

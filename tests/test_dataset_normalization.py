@@ -246,7 +246,8 @@ def test_pretraining_crops_of_dataset_normalized_images_are_left_as_they_are(cel
                          crops=MultiCropConfig(global_size=16, local_crops=0))
     trainer = Trainer(sources, cfg, tmp_path / "t.pt", workers=0)
     stats = trainer.dataset_stats_estimated
-    assert cfg.crops.normalize == "dataset" and trainer.view.normalize == "dataset" and trainer.view.dataset_stats == stats
+    assert (cfg.crops.normalize == "dataset" and trainer.view.normalize == "dataset"
+            and trainer.view.dataset_stats == stats)
     images, _ = trainer.images([load_item(i, s, trainer.view) for i, s in enumerate(sources[:2])])
     scale, shift = stats.scale_shift(["nucleus", "protein"], "-")
     raw = load_item(0, sources[0], ViewOptions(normalize="none")).pixels.astype(np.float32)

@@ -39,7 +39,8 @@ def test_head_shapes_names_and_weight_norm():
     head = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8)
     out = head(torch.randn(5, 16))
     assert out.shape == (5, 50)
-    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g", "last_layer.weight_v"} <= set(head.state_dict())
+    assert {"mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "last_layer.weight_g",
+            "last_layer.weight_v"} <= set(head.state_dict())
     assert not head.last_layer.weight_g.requires_grad  # DINO's norm_last_layer
     # logits of a unit-norm bottleneck through unit-norm rows are cosines: within [-1, 1]
     assert out.abs().max() <= 1 + 1e-5
@@ -51,7 +52,8 @@ def test_head_batch_norm_separates_nearly_identical_inputs():
     x = torch.randn(1, 16) + 1e-3 * torch.randn(8, 16)
     plain = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8)
     with_bn = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8, use_bn=True)
-    assert {"mlp.0.weight", "mlp.1.running_mean", "mlp.3.weight", "mlp.4.running_var", "mlp.6.weight"} <= set(with_bn.state_dict())
+    assert {"mlp.0.weight", "mlp.1.running_mean", "mlp.3.weight", "mlp.4.running_var",
+            "mlp.6.weight"} <= set(with_bn.state_dict())
     spread = lambda logits: (logits - logits.mean(0)).abs().max().item()  # noqa: E731
     assert spread(plain(x)) < 1e-3 < 0.1 < spread(with_bn(x))
 

@@ -311,13 +311,15 @@ def test_a_short_run_with_each_flag_behaves_and_its_checkpoint_embeds(cells, tmp
         else:  # DINO's loss alone, logged as before
             assert "dino_loss" not in row
     ckpt = load_checkpoint(tmp_path / "p.pt")
-    assert ckpt["train"]["centering"] == flags.get("centering", "center") and ckpt["train"]["ibot"] == flags.get("ibot", 0)
+    assert (ckpt["train"]["centering"] == flags.get("centering", "center")
+            and ckpt["train"]["ibot"] == flags.get("ibot", 0))
     if flags.get("centering") == "sinkhorn":  # the center is neither used nor updated
         assert torch.equal(ckpt["center"], torch.zeros(1, 64))
     else:
         assert ckpt["center"].abs().sum() > 0
     if flags.get("ibot"):  # the mask token learns (it starts at zero) and the teacher follows it
-        assert ckpt["student"]["backbone.mask_token"].abs().sum() > 0 and ckpt["teacher"]["backbone.mask_token"].abs().sum() > 0
+        assert (ckpt["student"]["backbone.mask_token"].abs().sum() > 0
+                and ckpt["teacher"]["backbone.mask_token"].abs().sum() > 0)
         assert ckpt["ibot_center"].abs().sum() > 0 or flags.get("centering") == "sinkhorn"
     else:
         assert "backbone.mask_token" not in ckpt["student"] and "ibot_center" not in ckpt

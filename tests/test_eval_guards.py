@@ -145,7 +145,8 @@ def test_unmeasurable_classes_are_named_and_left_out_of_scoring(tmp_path):
     assert pred[:, 2].any()  # some a / b rows are voted c: misses, though c itself is not scored
     f1, acc = sk_scores(y, pred, [0, 1])
     got = json.loads((tmp_path / "loo.json").read_text())["runs"][0]["results"][0]
-    assert (got["f1_macro_pooled"], got["accuracy_pooled"]) == (pytest.approx(f1, abs=1e-9), pytest.approx(acc, abs=1e-9))
+    assert (got["f1_macro_pooled"], got["accuracy_pooled"]) == (pytest.approx(f1, abs=1e-9),
+                                                                pytest.approx(acc, abs=1e-9))
     assert loo.stdout.splitlines()[1].split() == ["5", f"{f1:.3f}", f"{acc:.3f}"]
 
     folds = run(["knn", emb, "--labels", labels, "--folds", "3", "-k", "5", "--json", tmp_path / "folds.json"])
@@ -368,10 +369,13 @@ def test_ids_files_are_read_stripped_and_refused_when_blank_or_repeated(tmp_path
     emb, labels = write_set(tmp_path, x, ids, np.array(["a", "b", "c"])[cls], groups)
     np.save(tmp_path / "e.npy", x)
     (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
-    want = run(["knn", tmp_path / "e.npy", "--ids", tmp_path / "ids.txt", "--labels", labels, "-k", "3", "--folds", "3"])
+    want = run(["knn", tmp_path / "e.npy", "--ids", tmp_path / "ids.txt", "--labels", labels,
+                "-k", "3", "--folds", "3"])
     assert want.exit_code == 0, want.output
-    (tmp_path / "blanks.txt").write_text("".join(f"{i}  \r\n" if n % 2 else f" {i}\t\n" for n, i in enumerate(ids)) + "\n\n")
-    got = run(["knn", tmp_path / "e.npy", "--ids", tmp_path / "blanks.txt", "--labels", labels, "-k", "3", "--folds", "3"])
+    (tmp_path / "blanks.txt").write_text("".join(f"{i}  \r\n" if n % 2 else f" {i}\t\n" for n, i in enumerate(ids))
+                                         + "\n\n")
+    got = run(["knn", tmp_path / "e.npy", "--ids", tmp_path / "blanks.txt", "--labels", labels,
+               "-k", "3", "--folds", "3"])
     assert got.exit_code == 0 and got.stdout == want.stdout
 
     (tmp_path / "hole.txt").write_text("\n".join(ids[:3] + [""] + ids[3:-1]) + "\n")
@@ -380,7 +384,8 @@ def test_ids_files_are_read_stripped_and_refused_when_blank_or_repeated(tmp_path
 
     twice = ids[:5] + ["cell2 "] + ids[6:]  # cell2 again, with a trailing blank
     (tmp_path / "twice.txt").write_text("\n".join(twice) + "\n")
-    assert run(["finetune", emb, "--labels", labels, "--folds", "0", "-o", tmp_path / "m.pt", "--epochs", "3"]).exit_code == 0
+    assert run(["finetune", emb, "--labels", labels, "--folds", "0", "-o", tmp_path / "m.pt",
+                "--epochs", "3"]).exit_code == 0
     for args in (["knn", tmp_path / "e.npy", "--labels", labels],
                  ["finetune", tmp_path / "e.npy", "--labels", labels, "-o", tmp_path / "m2.pt"],
                  ["predict", tmp_path / "e.npy", "--weights", tmp_path / "m.pt"],

@@ -213,8 +213,8 @@ def test_head_on_embeddings_then_predict_round_trip(cells, emb, backbone, tmp_pa
     assert [r[1] for r in rows] == [classes[j] for j in probs.argmax(1)]
     from_emb = run(["predict", emb, "--weights", model, "-o", tmp_path / "p.tsv"])
     assert from_emb.exit_code == 0 and from_emb.stdout == ""
-    np.testing.assert_allclose(np.array([[float(v) for v in r[2:]] for r in read_tsv((tmp_path / "p.tsv").read_text())[1]]),
-                               probs, atol=2e-6)
+    np.testing.assert_allclose(
+        np.array([[float(v) for v in r[2:]] for r in read_tsv((tmp_path / "p.tsv").read_text())[1]]), probs, atol=2e-6)
 
     # the head holds no backbone: predict finds it by its stored path and checks its SHA-256
     assert "model" not in load_checkpoint(model)
@@ -223,7 +223,8 @@ def test_head_on_embeddings_then_predict_round_trip(cells, emb, backbone, tmp_pa
     shutil.move(backbone, moved)
     try:
         one_error_line(run(["predict", cells, "--weights", model, "--workers", "0"]), "missing", "--backbone")
-        assert run(["predict", cells, "--weights", model, "--workers", "0", "--backbone", moved]).stdout == predicted.stdout
+        assert run(["predict", cells, "--weights", model, "--workers", "0",
+                    "--backbone", moved]).stdout == predicted.stdout
         other = tmp_path / "other.pt"
         torch.manual_seed(1)
         net = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=1, img_size=32))
@@ -235,8 +236,9 @@ def test_head_on_embeddings_then_predict_round_trip(cells, emb, backbone, tmp_pa
 
 def test_frozen_from_images_with_tiles_and_predict_tiles(cells, backbone, tmp_path):
     model = tmp_path / "tiles.pt"
-    result = run(["finetune", cells, "--labels", cells / "labels.csv", "--weights", backbone, "--freeze", "--tile", "16",
-                  "--folds", "2", "--epochs", "5", "--head", "mlp", "--balance", "sample", "-o", model, *TINY[-2:]])
+    result = run(["finetune", cells, "--labels", cells / "labels.csv", "--weights", backbone, "--freeze",
+                  "--tile", "16", "--folds", "2", "--epochs", "5", "--head", "mlp", "--balance", "sample",
+                  "-o", model, *TINY[-2:]])
     assert result.exit_code == 0, result.output
     assert "80 labelled row(s)" in result.stderr and "grouped" in result.stderr  # 4 tiles per image
     ckpt = load_checkpoint(model)
@@ -272,8 +274,8 @@ def test_multilabel_and_balance_through_the_cli(tmp_path):
 def test_full_fine_tuning_smoke(cells, tmp_path):
     model, report = tmp_path / "ft.pt", tmp_path / "ft.json"
     result = run(["finetune", cells, "--labels", cells / "labels.csv", "--weights", "random", *TINY, "--size", "32",
-                  "--epochs", "2", "--min-steps", "0", "--folds", "2", "--batch-size", "8", "--layer-decay", "0.75", "-o", model,
-                  "--json", report])
+                  "--epochs", "2", "--min-steps", "0", "--folds", "2", "--batch-size", "8", "--layer-decay", "0.75",
+                  "-o", model, "--json", report])
     assert result.exit_code == 0, result.output
     assert "fine-tuning random" in result.stderr and "macro F1" in result.stdout
     cv = json.loads(report.read_text())

@@ -14,7 +14,8 @@ from protloc.model import ViTConfig, VisionTransformer
 
 def backbone(in_chans=3, patch=16, depth=2, arch="vit_tiny", seed=0):
     torch.manual_seed(seed)
-    channels = ["microtubules", "protein", "nucleus", "er"][:in_chans] if in_chans <= 4 else [f"c{i}" for i in range(in_chans)]
+    channels = (["microtubules", "protein", "nucleus", "er"][:in_chans] if in_chans <= 4
+                else [f"c{i}" for i in range(in_chans)])
     return VisionTransformer(ViTConfig(arch=arch, patch=patch, depth=depth, channels=channels, img_size=224))
 
 
@@ -25,7 +26,8 @@ def dino_training_checkpoint(teacher, student):
                         **{f"module.{k}": v for k, v in head.items()}},
             "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **head},
             "optimizer": {"state": {}, "param_groups": []}, "epoch": 100,
-            "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=65536), "dino_loss": {"center": torch.zeros(1, 16)}}
+            "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=65536),
+            "dino_loss": {"center": torch.zeros(1, 16)}}
 
 
 def load(path, channels=None):
@@ -46,7 +48,8 @@ def test_dino_training_checkpoint_gives_the_teacher_backbone(tmp_path):
     model, kind = load(path)
     assert "teacher" in kind and same_weights(model, teacher) and not same_weights(model, student)
     cfg = model.config
-    assert (cfg.arch, cfg.patch, cfg.depth, cfg.img_size, cfg.channels) == ("vit_tiny", 16, 2, 224, ["microtubules", "protein", "nucleus"])
+    assert (cfg.arch, cfg.patch, cfg.depth, cfg.img_size, cfg.channels) == ("vit_tiny", 16, 2, 224,
+                                                                            ["microtubules", "protein", "nucleus"])
     assert cfg.normalize == "imagenet"  # an RGB backbone expects ImageNet statistics
 
 

@@ -168,8 +168,8 @@ def test_embed_on_mutated_files_fails_per_file_with_bounded_memory(tmp_path):
         (folder / f"case_{i:02d}.tif").write_bytes(bytes(data))
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
             "from protloc.cli import main; sys.exit(main())")
-    proc = subprocess.run([sys.executable, "-c", code, "embed", str(folder), "--weights", "random", "--arch", "vit_tiny",
-                           "--patch", "8", "--depth", "1", "--size", "32",
+    proc = subprocess.run([sys.executable, "-c", code, "embed", str(folder), "--weights", "random",
+                           "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--size", "32",
                            "--on-error", "skip", "--max-pixels", str(MAX_PIXELS), "--workers", "0",
                            "-o", str(tmp_path / "e.npz"), "--quiet"],
                           capture_output=True, text=True, timeout=300)

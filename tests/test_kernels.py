@@ -63,7 +63,8 @@ def test_patch_embed_matches_naive(layout, C, p, H, W, B, dtype):
 def test_patch_embed_gradients_reach_weight_bias_pos_and_channel_embedding():
     pixels = torch.rand(2, 3, 16, 16)
     params = [torch.randn(8, 1, 8, 8, requires_grad=True), torch.randn(8, requires_grad=True),
-              torch.randn(5, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(3, 8, requires_grad=True)]
+              torch.randn(5, 8, requires_grad=True), torch.randn(8, requires_grad=True),
+              torch.randn(3, 8, requires_grad=True)]
     w, b, pos, cls, chan = params
     patch_embed_torch(pixels, torch.ones(2, 3), torch.zeros(2, 3), w, b, pos, cls, chan).square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in params)

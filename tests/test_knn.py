@@ -215,7 +215,8 @@ def test_table_and_json():
                                        "0.950", "0.900", "±", "0.000", "0.910", "±", "0.000"]
     assert side_by_side[0].index("dino.npz") == side_by_side[2].index("0.950")
     loo = format_table([("e.npz", results)], loo=True).splitlines()
-    assert loo[0].split() == ["k", "macro", "F1", "pooled", "accuracy", "pooled"] and loo[1].split() == ["1", "0.823", "0.840"]
+    assert (loo[0].split() == ["k", "macro", "F1", "pooled", "accuracy", "pooled"]
+            and loo[1].split() == ["1", "0.823", "0.840"])
     record = json.loads(json.dumps(results_to_json(results, {"folds": 2})))
     assert record["meta"] == {"folds": 2} and record["results"][1]["k"] == 20
 

@@ -50,7 +50,8 @@ def sklearn_accuracy(x, rows, split_list) -> float:
     accuracies = []
     for sp in split_list:
         scaler = StandardScaler().fit(x[sp.train])
-        model = LogisticRegression(max_iter=PROBE_MAX_ITER).fit(scaler.transform(x[sp.train]), rows.y[sp.train].argmax(1))
+        model = LogisticRegression(max_iter=PROBE_MAX_ITER).fit(scaler.transform(x[sp.train]),
+                                                                rows.y[sp.train].argmax(1))
         accuracies.append(np.mean(model.predict(scaler.transform(x[sp.test])) == rows.y[sp.test].argmax(1)))
     return float(np.mean(accuracies))
 
@@ -94,7 +95,8 @@ def test_inner_cross_validation_chooses_C_deterministically_and_as_documented():
     for C in PROBE_C:
         proba = np.zeros((len(x), 3))
         for train, val in splits(rows.y, rows.groups, 4, 0):
-            model = LogisticRegression(C=C, class_weight="balanced", max_iter=PROBE_MAX_ITER).fit(z[train], codes[train])
+            model = LogisticRegression(C=C, class_weight="balanced", max_iter=PROBE_MAX_ITER)
+            model.fit(z[train], codes[train])
             proba[val] = model.predict_proba(z[val])
         scores[C] = (f1_score(codes, proba.argmax(1), average="macro"), -log_loss(codes, proba))
     best = max(scores.values())
@@ -147,7 +149,8 @@ def test_multilabel_probe_is_one_binary_regression_per_class():
                                                                                       y[sp.train])
         reference.append(f1_score(y[sp.test], model.predict(scaler.transform(x[sp.test])), average="macro"))
     assert np.mean(reference) > 0.75
-    assert report["multilabel"] and report["macro_f1"]["mean"] >= np.mean(reference) - 0.03, (report["macro_f1"], reference)
+    assert report["multilabel"] and report["macro_f1"]["mean"] >= np.mean(reference) - 0.03, (
+        report["macro_f1"], reference)
 
 
 def test_too_few_rows_or_groups_for_grouped_inner_folds_are_said(caplog):
@@ -191,7 +194,8 @@ def test_model_round_trip_predict_gives_scikit_learns_probabilities(tmp_path, cl
     assert load_checkpoint(tmp_path / "m.pt")["classifier"]["trained_on"]["C"] == report["final"]["C"]
     lines = made.stderr.splitlines()
     assert "protloc: warning: --epochs not used: the frozen linear head is a linear probe" in made.stderr
-    assert "linear probe C by inner cross-validation: " in lines[-1] and f"(C = {report['final']['C']:.3g})" in lines[-1]
+    assert ("linear probe C by inner cross-validation: " in lines[-1]
+            and f"(C = {report['final']['C']:.3g})" in lines[-1])
 
     predicted = run(["predict", tmp_path / "e.npz", "--weights", tmp_path / "m.pt"])
     assert predicted.exit_code == 0, predicted.output
@@ -231,9 +235,10 @@ def test_full_finetuning_of_few_images_gets_min_steps(tmp_path, monkeypatch):
                          metadata={"axes": "CYX"})
     (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"i{i}.tif,{'ab'[i % 2]}\n" for i in range(4)))
     monkeypatch.setenv("PROTLOC_STATUS_EVERY", "0")
-    result = run(["finetune", tmp_path, "--labels", tmp_path / "labels.csv", "--weights", "random", "--arch", "vit_tiny",
-                  "--patch", "8", "--depth", "1", "--size", "16", "--batch-size", "2", "--epochs", "2", "--min-steps",
-                  "6", "--folds", "0", "--val-fraction", "0", "--workers", "0", "-o", tmp_path / "m.pt"])
+    result = run(["finetune", tmp_path, "--labels", tmp_path / "labels.csv", "--weights", "random",
+                  "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--size", "16", "--batch-size", "2",
+                  "--epochs", "2", "--min-steps", "6", "--folds", "0", "--val-fraction", "0", "--workers", "0",
+                  "-o", tmp_path / "m.pt"])
     assert result.exit_code == 0, result.output
     status = [line.split(",")[0] for line in result.stderr.splitlines() if line.startswith("protloc: fine-tuning step")]
     # 4 images in batches of 2 are 2 steps a pass; 6 steps over 2 epochs make 3 an epoch

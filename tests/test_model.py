@@ -86,8 +86,8 @@ def test_scale_and_shift_normalize_inside_the_embedding():
     pixels = torch.rand(1, 2, 32, 32)
     raw = (pixels * 1000 + 50).to(torch.uint16)
     scale, shift = torch.full((1, 2), 1 / 1000), torch.full((1, 2), -0.05)
-    torch.testing.assert_close(model.embed(raw, scale, shift), model.embed(raw.float() / 1000 - 0.05, *inputs(1, 2, 1, 1)[1:]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.embed(raw, scale, shift),
+                               model.embed(raw.float() / 1000 - 0.05, *inputs(1, 2, 1, 1)[1:]), atol=1e-5, rtol=1e-5)
 
 
 def test_drop_path_acts_per_sequence_in_training_only():

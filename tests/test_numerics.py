@@ -117,7 +117,8 @@ def test_knn01_field_case_through_the_cli(tmp_path):
     names = np.array(["cytosol", "mitochondria", "nucleoplasm"])
     np.save(tmp_path / "emb.npy", x)
     (tmp_path / "ids.txt").write_text("".join(f"cell_{i:03d}\n" for i in range(len(x))))
-    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"cell_{i:03d},{names[c]}\n" for i, c in enumerate(cls)))
+    (tmp_path / "labels.csv").write_text("id,label\n"
+                                         + "".join(f"cell_{i:03d},{names[c]}\n" for i, c in enumerate(cls)))
     for temperature in (0.01, 0.001):
         result = run(["knn", tmp_path / "emb.npy", "--ids", tmp_path / "ids.txt", "--labels", tmp_path / "labels.csv",
                       "--loo", "-k", "5", "--temperature", temperature, "--json", tmp_path / f"{temperature}.json"])
@@ -170,7 +171,8 @@ def test_losses_of_extreme_logits(balance):
     pos_weight = (len(multi) - positives) / positives if balance == "weight" else np.ones(3)
     with localcontext() as ctx:
         ctx.prec = 60
-        bce = [-(pos_weight[c] * t * float(exact_log_softmax([v, 0.0])[0]) + (1 - t) * float(exact_log_softmax([0.0, v])[0]))
+        bce = [-(pos_weight[c] * t * float(exact_log_softmax([v, 0.0])[0])
+                 + (1 - t) * float(exact_log_softmax([0.0, v])[0]))
                for row, trow in zip(EXTREME_LOGITS, multi) for c, (v, t) in enumerate(zip(row, trow))]
     assert math.isfinite(got) and got == pytest.approx(np.mean(bce), rel=1e-6)
 
@@ -227,8 +229,8 @@ def test_dino_loss_of_extreme_outputs(scale):
                 terms.append(-float(sum(qi * li for qi, li in zip(q, logp))) / batch)
     want = sum(terms) / (2 * (crops - 1))
     assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-6)
-    np.testing.assert_allclose(loss_fn.center.double().numpy()[0], 0.9 * center + 0.1 * teacher.double().mean(0).numpy(),
-                               rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(loss_fn.center.double().numpy()[0],
+                               0.9 * center + 0.1 * teacher.double().mean(0).numpy(), rtol=1e-5, atol=1e-5 * scale)
 
 
 # --- attention maps ----------------------------------------------------------------------------------
@@ -239,7 +241,8 @@ def test_cls_attention_with_logits_thousands_apart():
     from protloc.model import ViTConfig, VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=2, img_size=32, channels=["nucleus", "protein"]))
+    model = VisionTransformer(ViTConfig(arch="vit_tiny", patch=8, depth=2, img_size=32,
+                                        channels=["nucleus", "protein"]))
     last = model.blocks[-1].attn
     with torch.no_grad():
         last.qkv.weight.mul_(300.0)  # attention logits of the last block ~1e3-1e4 apart

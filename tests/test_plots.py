@@ -48,7 +48,8 @@ def data(tmp_path_factory):
     cells = d / "cells"
     write_dataset(cells, n=24, size=64, seed=1, fields_per_protein=2)
     for seed in (0, 1):
-        run(["embed", cells, *RANDOM, "--size", "32", "--workers", "0", "--seed", seed, "-o", d / f"seed{seed}.npz", "-q"])
+        run(["embed", cells, *RANDOM, "--size", "32", "--workers", "0", "--seed", seed,
+             "-o", d / f"seed{seed}.npz", "-q"])
     labels = cells / "labels.csv"
     run(["knn", d / "seed0.npz", d / "seed1.npz", "--labels", labels, "-k", "1,3,5", "--folds", "3",
          "--json", d / "knn.json", "-q"])

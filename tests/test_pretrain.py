@@ -26,7 +26,8 @@ TINY = dict(arch="vit_tiny", patch=8, out_dim=64, batch_size=4, lr=1e-3, warmup_
             crops=MultiCropConfig(global_size=32, local_size=16, local_crops=2))
 # TINY as flags (TINY is a PretrainConfig: the dino recipe's defaults)
 TINY_FLAGS = ["--recipe", "dino", "--arch", "vit_tiny", "--patch", "8", "--out-dim", "64", "--batch-size", "4",
-              "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--warmup-epochs", "0.5", "--workers", "0"]
+              "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--warmup-epochs", "0.5",
+              "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,8 @@ def test_schedules_follow_the_epochs():
 
 def test_last_layer_frozen_during_the_first_epoch(cells, tmp_path):
     sources = discover([str(cells)])
-    trainer = Trainer(sources, PretrainConfig(**{**TINY, "steps": 3, "freeze_last_layer": 1.0, "norm_last_layer": False}),
+    trainer = Trainer(sources,
+                      PretrainConfig(**{**TINY, "steps": 3, "freeze_last_layer": 1.0, "norm_last_layer": False}),
                       tmp_path / "f.pt", workers=0)
     before = trainer.student.head.last_layer.weight_v.detach().clone()
     trainer.run()
@@ -131,8 +133,8 @@ def test_cli_pretrain_log_then_embed(cells, tmp_path):
 def test_init_from_a_protloc_checkpoint(cells, tmp_path):
     first = tmp_path / "first.pt"
     assert run_cli(["pretrain", cells, "-o", first, "--steps", "1", *TINY_FLAGS, "--depth", "1"]).exit_code == 0
-    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1, "depth": 1}), tmp_path / "second.pt",
-                      workers=0, init=str(first))
+    trainer = Trainer(discover([str(cells)]), PretrainConfig(**{**TINY, "steps": 1, "depth": 1}),
+                      tmp_path / "second.pt", workers=0, init=str(first))
     torch.testing.assert_close(trainer.student.backbone.state_dict()["pos_embed"],
                                load_checkpoint(first)["model"]["pos_embed"])
 

@@ -53,7 +53,8 @@ def test_a_checkpoints_random_init_is_the_start_of_its_run(labelled, tmp_path):
         torch.testing.assert_close(tensor, start[name], rtol=0, atol=0, msg=name)
     for name, tensor in pretrained.state_dict().items():
         torch.testing.assert_close(tensor, trainer.teacher.backbone.state_dict()[name], rtol=0, atol=0, msg=name)
-    assert not torch.equal(initial.state_dict()["blocks.0.attn.qkv.weight"], pretrained.state_dict()["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(initial.state_dict()["blocks.0.attn.qkv.weight"],
+                           pretrained.state_dict()["blocks.0.attn.qkv.weight"])
     assert (opts.size, opts.normalize, opts.dataset_stats) == (64, "dataset", trainer.view.dataset_stats)
 
 

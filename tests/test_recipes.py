@@ -70,7 +70,8 @@ def test_small_resolves_to_the_documented_settings_and_dino_to_the_reference():
     assert (small.koleo, small.centering, small.ibot) == (0.3, "center", 0.0)
     assert set(changes("small")) == {"arch", "patch", "depth", "use_bn_in_head", "out_dim", "batch_size", "lr",
                                      "warmup_teacher_temp_epochs", "momentum_teacher", "freeze_last_layer",
-                                     "global_size", "local_crops", "embed_size", "normalize", "koleo"}  # the rest is dino's
+                                     "global_size", "local_crops", "embed_size", "normalize",
+                                     "koleo"}  # the rest is dino's
     assert resolve("dino", {}) == DINO == PretrainConfig() and DEFAULT == "small"
     assert (DINO.out_dim, DINO.crops.local_crops, DINO.embed_size, DINO.normalize, DINO.koleo) == \
         (65536, 8, None, "image", 0.0)
@@ -157,7 +158,8 @@ def test_embed_finetune_and_predict_view_as_the_checkpoint_records_unless_told(i
                  "--epochs", "1", "--val-fraction", "0", "--workers", "0", "-o", full)
     assert result.exit_code == 0, result.output
     tuned = load_classifier(full)
-    assert tuned.views["size"] == 64 and json.loads(json.dumps(tuned.checkpoint["classifier"]["finetune"]))["size"] == 64
+    assert (tuned.views["size"] == 64
+            and json.loads(json.dumps(tuned.checkpoint["classifier"]["finetune"]))["size"] == 64)
     assert run("finetune", images, "--labels", images / "labels.csv", "--weights", small_run, "--size", "0",
                "--folds", "0", "-o", tmp_path / "x.pt").exit_code == 2  # native size needs --freeze
 

@@ -20,7 +20,8 @@ from protloc.sources import discover
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLAGS = ["--recipe", "dino", "--arch", "vit_tiny", "--patch", "8", "--depth", "1", "--out-dim", "16",
-         "--global-size", "16", "--local-size", "16", "--local-crops", "1", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+         "--global-size", "16", "--local-size", "16", "--local-crops", "1", "--batch-size", "2", "--workers", "0",
+         "--device", "cpu"]
 
 
 def run(*args):

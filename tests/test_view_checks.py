@@ -102,7 +102,8 @@ def test_predict_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp_
     assert [row.split("\t")[0] for row in rows] == [str(tiny_case / f"{n}_ok.tif") for n in "acde"]
 
 
-@pytest.mark.parametrize("mode", [["--freeze"], ["--size", "16", "--epochs", "1", "--min-steps", "0", "--batch-size", "2"]],
+@pytest.mark.parametrize("mode", [["--freeze"],
+                                  ["--size", "16", "--epochs", "1", "--min-steps", "0", "--batch-size", "2"]],
                          ids=["freeze", "full"])
 def test_finetune_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp_path, mode):
     """Full fine-tuning cuts its crops from the image at native size: a 5 x 5 image is refused
@@ -118,8 +119,8 @@ def test_finetune_names_the_small_image_and_skip_keeps_the_others(tiny_case, tmp
     assert json.loads((tmp_path / "m.json").read_text())["meta"]["rows"] == 4
 
 
-PRETRAIN = ["--recipe", "dino", *TINY, "--out-dim", "16", "--global-size", "16", "--local-size", "16", "--local-crops", "1",
-            "--batch-size", "1", "--workers", "0", "--device", "cpu", "--warmup-epochs", "0"]
+PRETRAIN = ["--recipe", "dino", *TINY, "--out-dim", "16", "--global-size", "16", "--local-size", "16",
+            "--local-crops", "1", "--batch-size", "1", "--workers", "0", "--device", "cpu", "--warmup-epochs", "0"]
 
 
 def test_pretrain_names_the_small_image_and_skip_reports_it_once(tiny_case, tmp_path):
