@@ -32,7 +32,7 @@ test-all: venv  # the slow tests too
 # --normalize image, because synth gives each protein an expression level over two orders of
 # magnitude that says nothing about its class (with the recipe's dataset normalization the same
 # 1200-step run scores 0.13 -> 0.26: README, Results). random.npz is for the pictures.
-# About 9 min on 2 idle cores; on a busy machine give OMP_NUM_THREADS=1 (torch's second thread
+# About 7 min on 2 idle cores; on a busy machine give OMP_NUM_THREADS=1 (torch's second thread
 # waits for a busy core: the pretraining ran 6x slower with 2 threads at load average 6).
 demo: venv
 	rm -rf $(DEMO)/cells
