@@ -250,26 +250,16 @@ def test_channel_names_are_those_of_the_image_read(tmp_path):
 
 # --- OME-TIFF sets with an image per file ----------------------------------------------------------
 
-def test_micromanager_position_files_are_images_of_their_own(tmp_path):
-    """Micro-Manager saves each stage position in a file of its own; the first holds the OME-XML of
-    all, the others point to it (BinaryOnly). Before: discovery left the other positions out."""
+@pytest.mark.parametrize("layout", [dict(mm=True), dict(binary=True), dict(binary=False)],
+                         ids=["micromanager-positions", "binary-only", "xml-in-each"])
+def test_ome_image_per_file_sets(tmp_path, layout):
+    """One Image per file: Micro-Manager's stage positions (the first file holds the OME-XML of all,
+    the others point to it, BinaryOnly), wells, bfconvert's per-series files. Before: discovery
+    left the other positions out, the XML's master warned of 2 series, a BinaryOnly file was
+    refused, and with the XML in every file the second file's row held the first file's pixels."""
     data = rand((3, 2, 3, 24, 28))
-    paths = image_per_file_set(tmp_path / "acq", data, mm=True)
-    assert ids(tmp_path / "acq") == paths
-    for path, want in zip(paths, data):
-        img = read_tiff(path)
-        np.testing.assert_array_equal(img.pixels, want.max(1))
-        assert img.warnings == []
-
-
-@pytest.mark.parametrize("binary", [True, False])
-def test_ome_image_per_file_sets(tmp_path, binary):
-    """One Image per file (wells, bfconvert's per-series files). Before: the XML's master warned of
-    2 series, a BinaryOnly file was refused, and with the XML in every file the second file's row
-    held the first file's pixels."""
-    data = rand((2, 2, 3, 24, 28))
-    paths = image_per_file_set(tmp_path / "wells", data, binary=binary)
-    assert ids(tmp_path / "wells") == paths
+    paths = image_per_file_set(tmp_path / "set", data, **layout)
+    assert ids(tmp_path / "set") == paths
     for path, want in zip(paths, data):
         img = read_tiff(path)
         np.testing.assert_array_equal(img.pixels, want.max(1))
