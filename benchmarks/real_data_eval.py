@@ -54,13 +54,12 @@ from protloc.checkpoint import model_from_checkpoint
 from protloc.crossval import cross_validate as cross_validate_head, plan, summarize
 from protloc.data import ViewOptions, loader, resize, usable
 from protloc.dataset_stats import DatasetStats
-from protloc.embed import embed
-from protloc.finetune import FinetuneConfig, FrozenTask, labelled_rows
+from protloc.finetune import FinetuneConfig, FrozenTask, embed_all, labelled_rows
 from protloc.folds import scored_classes
 from protloc.knn import cross_validate as cross_validate_knn
 from protloc.labels import match_rows, read_labels
 from protloc.pretrain import Trainer, build_models, recorded_config
-from protloc.recipes import RECIPES, changes, resolve, settings
+from protloc.recipes import RECIPES, changes, differences, resolve
 from protloc.sources import discover
 from protloc.synth import write_dataset
 
@@ -117,14 +116,6 @@ def raw_pixels(sources, s: EvalSet, workers: int) -> tuple[list[str], np.ndarray
     return ids, (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
 
 
-def vit_features(model, sources, opts: ViewOptions, workers: int) -> tuple[list[str], np.ndarray]:
-    ids, rows = [], []
-    for batch_ids, vectors in embed(model, sources, opts, workers=workers):
-        ids += batch_ids
-        rows.append(vectors)
-    return ids, np.concatenate(rows)
-
-
 def scores(ids: list[str], x: np.ndarray, s: EvalSet) -> dict:
     """k-NN per k and the linear probe: (pooled macro F1, per-fold mean, per-fold std)."""
     matched = matched_rows(ids, s)
@@ -166,7 +157,7 @@ def evaluate(s: EvalSet, recipe: str, steps: int | None, checkpoint: str | None,
     sources = discover(s.data, channel_suffixes=s.channel_suffixes)
     initial, pretrained, opts, cfg = starting_point(s, sources, recipe, steps, checkpoint, workers, tmp)
     rows = {"raw": scores(*raw_pixels(sources, s, workers), s),
-            "random": scores(*vit_features(initial, sources, opts, workers), s)}
+            "random": scores(*embed_all(initial, sources, opts, workers=workers), s)}
     if isinstance(pretrained, Trainer):
         t0 = time.perf_counter()
         pretrained.run()
@@ -174,7 +165,7 @@ def evaluate(s: EvalSet, recipe: str, steps: int | None, checkpoint: str | None,
         pretrained = pretrained.teacher.backbone
     else:
         note = f"{cfg.steps} steps: {checkpoint}"
-    rows["pretrained"] = scores(*vit_features(pretrained, sources, opts, workers), s)
+    rows["pretrained"] = scores(*embed_all(pretrained, sources, opts, workers=workers), s)
     for kind, row in rows.items():
         cells = "  ".join(f"{p:.3f} {m:.3f}±{sd:.3f}" for p, m, sd in row.values())
         table.add(f"{s.name:<15} {kind:<11} {cells}  {note if kind == 'pretrained' else ''}".rstrip())
@@ -198,8 +189,8 @@ def main():
         ap.error("--checkpoint scores one set: give --sets NAME")
     if args.checkpoint:  # the run's settings where they differ from its recipe's (steps aside)
         run = recorded_config(args.checkpoint)
-        recipe, base = run.recipe, settings(RECIPES[run.recipe])
-        changed = {k: v for k, v in settings(run).items() if v != base[k] and k != "steps"}
+        recipe = run.recipe
+        changed = {k: v for k, v in differences(run, RECIPES[recipe]).items() if k != "steps"}
         what = f"recipe {recipe}" + "".join(f", {k}={v}" for k, v in changed.items()) + f": {args.checkpoint}"
     else:
         recipe = args.recipe

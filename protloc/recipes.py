@@ -73,10 +73,16 @@ def settings(cfg: PretrainConfig) -> dict[str, object]:
     return {name: getattr(cfg.crops if name in CROP_SETTINGS else cfg, name) for name in FIELDS}
 
 
+def differences(cfg: PretrainConfig, base: PretrainConfig) -> dict[str, object]:
+    """The settings of `cfg` that differ from those of `base` (by name, as in `settings`), the
+    recipe's name aside."""
+    was = settings(base)
+    return {k: v for k, v in settings(cfg).items() if k != "recipe" and v != was[k]}
+
+
 def changes(name: str) -> dict[str, object]:
     """The settings in which recipe `name` differs from the reference's (dino)."""
-    base = settings(DINO)
-    return {k: v for k, v in settings(RECIPES[name]).items() if k != "recipe" and v != base[k]}
+    return differences(RECIPES[name], DINO)
 
 
 def resolve(name: str, given: dict[str, object]) -> PretrainConfig:
