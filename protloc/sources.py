@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from protloc.channels import canonical
@@ -35,6 +35,9 @@ class Source:
     id: str                                  # the normalized path, or the stem of a channel group
     files: tuple[str, ...]                   # one file, or one per channel in suffix order
     channel_names: tuple[str, ...] | None    # canonical names from the suffixes; None for single files
+    # what the input says about the image beyond its pixels (a manifest's other columns, a plate's well),
+    # carried into the embeddings' per-row metadata
+    meta: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 def discover(inputs: list[str], stdin: TextIO | None = None,
