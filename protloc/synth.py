@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import uuid
 
 import numpy as np
@@ -35,6 +34,7 @@ from scipy import ndimage
 
 from protloc.channels import canonical
 from protloc.errors import ProtlocError
+from protloc.output import atomic_path
 
 CLASSES = ("nucleoplasm", "nucleolus", "nuclear_membrane", "cytoplasm", "mitochondria", "er", "golgi",
            "vesicles", "plasma_membrane", "centrosome")
@@ -398,19 +398,6 @@ def _protein_class(seed, k):
     return CLASSES[order[pos]]
 
 
-def _atomic(path, write):
-    """Call write(tmp_path) on a temp file beside `path`, then rename it into place. The temp name
-    ends in .part, so a run killed mid-write leaves nothing that a scan for .tif files would pick up."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_dataset(out_dir: str | os.PathLike, n: int, size: int = 256, channels: list[str] = ["nucleus", "protein"],
                   seed: int = 0, fields_per_protein: int = 4, progress=None, masks: bool = False) -> list[dict]:
     """Write n fields as OME-TIFF + labels.csv into out_dir (must exist or is created), and with
@@ -435,20 +422,18 @@ def write_dataset(out_dir: str | os.PathLike, n: int, size: int = 256, channels:
         # OME-XML wants a UUID per file; a random one would make equal images differ in bytes.
         uid = uuid.uuid5(uuid.NAMESPACE_URL, f"protloc-synth:{seed}:{i}:{size}:{','.join(names)}")
         meta = {"axes": "CYX", "Channel": {"Name": names}, "UUID": f"urn:uuid:{uid}"}
-        _atomic(os.path.join(out_dir, rel), lambda tmp: tifffile.imwrite(
-            tmp, img, ome=True, photometric="minisblack", compression="zlib", metadata=meta))
+        # atomic: a run killed mid-write leaves a hidden temporary file, which discovery skips
+        with atomic_path(os.path.join(out_dir, rel)) as tmp:
+            tifffile.imwrite(tmp, img, ome=True, photometric="minisblack", compression="zlib", metadata=meta)
         if masks:
-            _atomic(os.path.join(out_dir, "masks", rel), lambda tmp: tifffile.imwrite(
-                tmp, cells, photometric="minisblack", compression="zlib"))
+            with atomic_path(os.path.join(out_dir, "masks", rel)) as tmp:
+                tifffile.imwrite(tmp, cells, photometric="minisblack", compression="zlib")
         rows.append({"path": rel, "label": label, "group": f"prot_{k:04d}"})
         if progress is not None:
             progress(1)
 
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["path", "label", "group"])
-            w.writeheader()
-            w.writerows(rows)
-
-    _atomic(os.path.join(out_dir, "labels.csv"), write_csv)
+    with atomic_path(os.path.join(out_dir, "labels.csv")) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "group"])
+        w.writeheader()
+        w.writerows(rows)
     return rows
