@@ -377,14 +377,18 @@ def usable(item: Item, on_error: str, skipped: list | None = None) -> bool:
     return False
 
 
-def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None = None):
-    """Group consecutive usable items of equal shape, dtype and channel names into batches, in order."""
+def batches(items, batch_size: int, on_error: str = "fail", skipped: list | None = None,
+            chunk_images: int | None = None):
+    """Group consecutive usable items of equal shape, dtype and channel names into batches, in order.
+    With `chunk_images`, no batch holds items of two chunks of that many images (by Item.index), so
+    a run continued from a chunk boundary makes the same batches as one that never stopped."""
     pending: list[Item] = []
     pending_key = None
     for item in items:
         if not usable(item, on_error, skipped):
             continue
-        key = (item.pixels.shape, item.pixels.dtype, item.channel_names)
+        chunk = item.index // chunk_images if chunk_images else None
+        key = (item.pixels.shape, item.pixels.dtype, item.channel_names, chunk)
         if pending and (len(pending) == batch_size or key != pending_key):
             yield _collate(pending)
             pending = []

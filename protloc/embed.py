@@ -71,23 +71,25 @@ def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arc
 
 
 def embed(model: VisionTransformer, sources: list[Source], opts: ViewOptions, *, batch_size=32, device="cpu",
-          workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None):
+          workers=2, on_error="fail", stats: EmbedStats | None = None, progress=None, chunk_images=None):
     """Yield (ids, vectors (B, D) float32) for the sources, in input order: one row per image, or
     per tile (opts.tile) or cell (opts.cells) (opts.aggregate "mean": one row per image, the mean of
     its tile or cell vectors), each pooled as opts.pool.
 
-    `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch."""
+    `progress(n)` is called with the number of images consumed (embedded or skipped) after each batch.
+    `chunk_images`: no batch spans two chunks of that many sources (protloc.embed_resume)."""
     if opts.pool not in POOLINGS:
         raise ValueError(f"unknown pooling {opts.pool!r}")
     if opts.aggregate is not None and (opts.aggregate not in AGGREGATIONS
                                        or (opts.tile is None and opts.cells is None)):
         raise ValueError(f"aggregate {opts.aggregate!r} needs tiles or cells and one of {AGGREGATIONS}")
     stats = stats if stats is not None else EmbedStats()
-    rows = _embed_views(model, sources, opts, opts.pool, batch_size, device, workers, on_error, stats, progress)
+    rows = _embed_views(model, sources, opts, opts.pool, batch_size, device, workers, on_error, stats, progress,
+                        chunk_images)
     return mean_per_image(rows) if opts.aggregate == "mean" else rows
 
 
-def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress):
+def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_error, stats, progress, chunk_images):
     config = model.config
     opts = model_view(opts, config)
     per_channel = opts.channel_strategy == "per-channel"
@@ -97,7 +99,7 @@ def _embed_views(model, sources, opts, pool, batch_size, device, workers, on_err
     slots = len(config.channels)
     device = torch.device(device)
     model = model.eval().to(device)
-    stream = batches(loader(sources, opts, workers), batch_size, on_error, stats.skipped)
+    stream = batches(loader(sources, opts, workers), batch_size, on_error, stats.skipped, chunk_images)
     skipped_seen = 0
     with torch.inference_mode(), autocast(device):
         while True:

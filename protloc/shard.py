@@ -22,9 +22,14 @@ from protloc.errors import ProtlocError
 CHUNK_ROWS = 4096
 
 
+def part_slice(n: int, index: int, count: int) -> slice:
+    """Part `index` (0-based) of `count` contiguous parts of n inputs, sizes differing by at most one."""
+    return slice(index * n // count, (index + 1) * n // count)
+
+
 def my_slice(n: int, world: World) -> slice:
     """The contiguous share of n inputs that this rank embeds."""
-    return slice(world.rank * n // world.size, (world.rank + 1) * n // world.size)
+    return part_slice(n, world.rank, world.size)
 
 
 def gather_to_main(world: World, writer: RowWriter | None, info: dict) -> tuple[RowWriter | None, list[dict]]:

@@ -16,6 +16,8 @@ reads the first IFD of `.ome.tif` files); the pixels are read later, one image a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -66,6 +68,17 @@ def discover(inputs: list[str], stdin: TextIO | None = None,
     for s in sources:
         check_image_id(s.id)
     return sources
+
+
+def inputs_digest(sources: list[Source], with_stat: bool = False) -> str:
+    """A digest of the input list, in order: each source's id and files, and with `with_stat` each
+    file's size and modification time (a file changed since gives another digest)."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(json.dumps([s.id, list(s.files)]).encode())
+        if with_stat:
+            h.update(json.dumps([[st.st_size, st.st_mtime_ns] for st in map(os.stat, s.files)]).encode())
+    return h.hexdigest()
 
 
 def read_source(src: Source, z: str = "max", axes: str | None = None,
