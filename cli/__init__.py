@@ -21,6 +21,7 @@ COMMANDS = {
     "synth": "protloc.cli.synth:synth_command",
     "pretrain": "protloc.cli.pretrain:pretrain_command",
     "embed": "protloc.cli.embed:embed_command",
+    "merge": "protloc.cli.merge:merge_command",
     "knn": "protloc.cli.knn:knn_command",
     "finetune": "protloc.cli.finetune:finetune_command",
     "predict": "protloc.cli.predict:predict_command",
