@@ -209,8 +209,10 @@ def cell_options(inherit: str | None = None):
         return click.option("--cells", metavar="MASKS", default=None,
                             help="One row per cell (path#cell=K, ascending K) from label images (0 = background): "
                                  "MASKS is a folder holding the mask of image X as X.tif (or X_mask, X_masks, "
-                                 "X_cp_masks, X_labels .tif/.tiff), or a pattern with {stem} and {dir}, e.g. "
-                                 "'{dir}/{stem}_cp_masks.tif'. Crops keep their whole image's normalization."
+                                 "X_labels .tif/.tiff; Cellpose's X_cp_masks .tif/.tiff/.png or X_seg.npy; "
+                                 "StarDist's X.stardist.tif), {dir} for those beside each image, or a pattern with "
+                                 "{stem} and {dir}, e.g. '{dir}/{stem}_cp_masks.tif'. Crops keep their whole "
+                                 "image's normalization."
                                  + (" Not recorded in a MODEL: give the masks of the data." if inherit else ""))(f)
     return decorate
 
