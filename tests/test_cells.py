@@ -241,7 +241,7 @@ def test_view_flag_errors(fields, tmp_path):
     result = run(["embed", fields, *RANDOM, "--cells", fields / "masks", "--cell-size", "60", "-o", out])
     assert result.exit_code == 1 and "field_00000.tif: no cell of" in result.stderr and "--border skip" in result.stderr
     result = run(["embed", fields, *RANDOM, "--cells", tmp_path / "nowhere", "-o", out])
-    assert result.exit_code == 1 and "neither" in result.stderr and not out.exists()
+    assert result.exit_code == 1 and "none of them" in result.stderr and not out.exists()
 
 
 def test_cell_labels_take_precedence_over_their_images(tmp_path, caplog):
