@@ -42,10 +42,12 @@ __all__ = ["is_input", "found_in_folder", "sources", "read"]
 VERSIONS = ("0.4", "0.5")
 EXTENSION = ".zarr"
 METADATA_FILES = ("zarr.json", ".zattrs")  # zarr v3 (NGFF 0.5) and v2 (NGFF 0.4)
+NGFF_KEYS = ("multiscales", "plate", "well")
 
 
 def is_input(path: str) -> bool:
-    """A folder named *.zarr, or one holding zarr metadata with NGFF multiscales or plate metadata."""
+    """A folder named *.zarr, or one holding zarr metadata with NGFF multiscales, plate (or well,
+    to be refused by name) metadata."""
     if not os.path.isdir(path):
         return False
     if found_in_folder(os.path.basename(os.path.normpath(path))):
@@ -58,7 +60,7 @@ def is_input(path: str) -> bool:
             continue
         attrs = attrs.get("attributes", {}) if name == "zarr.json" else attrs
         attrs = attrs.get("ome", attrs) if isinstance(attrs, dict) else {}
-        if isinstance(attrs, dict) and ("multiscales" in attrs or "plate" in attrs):
+        if isinstance(attrs, dict) and any(key in attrs for key in NGFF_KEYS):
             return True
     return False
 
@@ -142,11 +144,11 @@ def _ngff(group, path: str) -> dict:
     if not isinstance(meta, dict):
         raise ProtlocError(f"{path}: its 'ome' attributes are not a JSON object")
     version = meta.get("version")
-    for key in ("multiscales", "plate", "well"):
+    for key in NGFF_KEYS:
         if version is None and key in meta:
             node = meta[key][0] if key == "multiscales" and isinstance(meta[key], list) and meta[key] else meta[key]
             version = node.get("version") if isinstance(node, dict) else None
-    if not any(k in meta for k in ("multiscales", "plate", "well")):
+    if not any(k in meta for k in NGFF_KEYS):
         raise ProtlocError(f"{path}: a zarr group without OME-Zarr metadata (no multiscales or plate)")
     if str(version) not in VERSIONS:
         raise ProtlocError(f"{path}: OME-Zarr (NGFF) version {version}; protloc reads {' and '.join(VERSIONS)}")
