@@ -88,7 +88,8 @@ def test_a_row_may_name_an_ome_zarr_field(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("path,label\na.tif,x\nmissing.tif,y\n", r"m.csv: line 3: .*missing.tif: no such file or directory \(column 'path'\)"),
+    ("path,label\na.tif,x\nmissing.tif,y\n",
+     r"m.csv: line 3: .*missing.tif: no such file or directory \(column 'path'\)"),
     ("nucleus,mito_marker\na.tif,b.tif\n", r"m.csv: column 'mito_marker' lists image files, but is no channel name"),
     ("file,label\na.tif,x\n", r"m.csv: no 'path' column and no channel columns .*its columns are file, label"),
     ("path,protein\na.tif,b.tif\n", r"m.csv: has both a 'path' column and channel columns listing files \(protein\)"),
