@@ -179,3 +179,15 @@ def test_embed_a_plate_field_by_field_and_plot_reads_a_field_back(tmp_path, monk
     one_error_line(run(["embed", "plate.zarr", *RANDOM, "-o", "bad.npz", "--zarr-level", "1"]),
                    "plate.zarr/A/1/0: has 1 resolution level(s)")
     assert not (tmp_path / "bad.npz").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"ngff{f.version}")
+def test_a_damaged_chunk_is_one_line_never_zeros(tmp_path, fmt):
+    path = tmp_path / "x.zarr"
+    write_zarr(path, RNG.integers(0, 255, (2, 16, 16), dtype=np.uint8), "cyx", fmt, levels=1)
+    chunks = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"\x00garbage" * 3)
+    with pytest.raises(ProtlocError, match=r"x.zarr/\w+: not a readable OME-Zarr array"):
+        read_source(discover([str(path)])[0])
