@@ -80,9 +80,23 @@ def channel_names(_ctx, param, value):
         raise click.BadParameter(str(e), param=param) from None
 
 
+ZARR_LEVEL = "protloc.zarr_level"
+
+
+def _set_zarr_level(ctx, _param, value):
+    # kept in ctx.meta, not passed to the command: every command's reading takes it through view_flags/zarr_level
+    if value is not None:
+        ctx.meta[ZARR_LEVEL] = value
+
+
+def zarr_level(ctx) -> int:
+    """--zarr-level as given, else 0 (the full resolution)."""
+    return ctx.meta.get(ZARR_LEVEL, 0)
+
+
 def data_options(f):
     """How DATA arguments are read: channel names, one-file-per-channel groups, z, axes, series,
-    limits, decoding processes, and what a bad image does."""
+    OME-Zarr level, limits, decoding processes, and what a bad image does."""
     f = click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
                      help="A bad image stops the run (fail) or is reported on stderr and left out (skip).")(f)
     f = click.option("--workers", type=click.IntRange(min=0), default=min(4, os.cpu_count() or 1),
@@ -94,6 +108,10 @@ def data_options(f):
                           "images, pyramids, shapes that differ; of a multi-file OME-TIFF set, the images with "
                           "planes in that file). Default: the one series; pages saved one by one as one stack; else "
                           "the first full-resolution series, with a warning naming the count.")(f)
+    f = click.option("--zarr-level", type=click.IntRange(min=0), default=None, metavar="K", expose_value=False,
+                     callback=_set_zarr_level,
+                     help="Read resolution level K of OME-Zarr images (0, 1, ...: the multiscales' datasets, full "
+                          "resolution first). Default: 0.")(f)
     f = click.option("--axes", default=None, metavar="AXES",
                      help="Override the axes of every file, e.g. ZCYX or YXC. Default: from OME, ImageJ, "
                           "Micro-Manager or tifffile axes metadata; without it, from the shape: Y, X are the one "
@@ -191,8 +209,10 @@ def cell_options(inherit: str | None = None):
         return click.option("--cells", metavar="MASKS", default=None,
                             help="One row per cell (path#cell=K, ascending K) from label images (0 = background): "
                                  "MASKS is a folder holding the mask of image X as X.tif (or X_mask, X_masks, "
-                                 "X_cp_masks, X_labels .tif/.tiff), or a pattern with {stem} and {dir}, e.g. "
-                                 "'{dir}/{stem}_cp_masks.tif'. Crops keep their whole image's normalization."
+                                 "X_labels .tif/.tiff; Cellpose's X_cp_masks .tif/.tiff/.png or X_seg.npy; "
+                                 "StarDist's X.stardist.tif), {dir} for those beside each image, or a pattern with "
+                                 "{stem} and {dir}, e.g. '{dir}/{stem}_cp_masks.tif'. Crops keep their whole "
+                                 "image's normalization."
                                  + (" Not recorded in a MODEL: give the masks of the data." if inherit else ""))(f)
     return decorate
 
@@ -213,6 +233,8 @@ def view_flags(ctx) -> dict:
     for field in ("channels", "channel_suffixes", "model_channels"):
         if given.get(field) is not None:
             given[field] = tuple(given[field])
+    if ZARR_LEVEL in ctx.meta:
+        given["zarr_level"] = ctx.meta[ZARR_LEVEL]
     if given.get("size") == 0:
         given["size"] = None
     if given.get("tile") == 0:

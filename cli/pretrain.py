@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from protloc import distributed
 from protloc.augment import MultiCropConfig
-from protloc.cli.options import architecture_options, common, data_options, device_option, show_progress
+from protloc.cli.options import architecture_options, common, data_options, device_option, show_progress, zarr_level
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
 from protloc.data import ViewOptions
@@ -190,7 +190,8 @@ def pretrain_command(ctx, data, output, resume, init, stop_at, checkpoint_every,
     world = distributed.init(device)
     try:
         sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=cfg.channel_suffixes)
-        trainer = Trainer(sources, cfg, output, world=world, view=ViewOptions(max_pixels=max_pixels), workers=workers,
+        view = ViewOptions(max_pixels=max_pixels, zarr_level=zarr_level(ctx))
+        trainer = Trainer(sources, cfg, output, world=world, view=view, workers=workers,
                           on_error=on_error, resume=resume, init=init, checkpoint_every=checkpoint_every,
                           log_path=log_path)
         if trainer.dataset_stats_estimated is not None and world.is_main and not quiet:

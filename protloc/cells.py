@@ -1,16 +1,26 @@
 """Single cells from segmentation masks: which mask goes with an image, and one crop per cell.
 
 `--cells MASKS` pairs every image with a label image (a mask: 0 is background, every other
-value K is one cell, as Cellpose's `_cp_masks`, StarDist's labels or `protloc synth --masks`
-write them). MASKS is
+value K is one cell, as Cellpose, StarDist or `protloc synth --masks` write them). MASKS is
 
     a folder   the mask of image `dir/X.tif` (or of the one-file-per-channel image `dir/X`) is
-               the TIFF in MASKS named X, X_mask, X_masks, X_cp_masks or X_labels (.tif or
-               .tiff); exactly one of them must exist
+               the file in MASKS named (MASK_NAMES, the usual segmenters' outputs)
+                   X, X_mask, X_masks, X_labels  .tif / .tiff   (protloc synth, hand-made)
+                   X_cp_masks  .tif / .tiff / .png             (Cellpose: --save_tif, --save_png)
+                   X_seg.npy                                   (Cellpose's GUI file)
+                   X.stardist  .tif / .tiff                    (StarDist's stardist-predict2d)
+               exactly one of them must exist
+    {dir}      the same names in each image's own folder (masks beside the images); `{dir}/seg`
+               in a folder below each image's
     a pattern  holding {stem} (the image's file name without its TIFF extension, or the stem of
                a channel group) and optionally {dir} (the image's folder), e.g.
-               '{dir}/{stem}_cp_masks.tif' or 'segmentation/{stem}*.tif'; after substitution
+               '{dir}/{stem}_cp_masks.png' or 'segmentation/{stem}*.tif'; after substitution
                it must name exactly one file (glob characters allowed)
+
+A mask file is a TIFF, a PNG (decoded with imagecodecs; Cellpose writes 16-bit PNGs) or
+Cellpose's `_seg.npy`: a pickled dict, loaded with numpy's allow_pickle for files of that name
+only (unpickling runs code a file holds: load only `_seg.npy` files you trust), whose `masks` is
+the label image.
 
 A mask must be a 2-D integer label image of the image's height and width (integral float
 values are accepted). A file among DATA that is the mask of another image is left out of the
@@ -34,8 +44,10 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 import tifffile
 
@@ -46,23 +58,27 @@ from protloc.sources import Source
 from protloc.tiff_messages import TiffMessages
 
 BORDERS = ("skip", "pad")
-MASK_SUFFIXES = ("", "_mask", "_masks", "_cp_masks", "_labels")  # folder matching, in this order
+# what a mask of image X is named in a MASKS folder, after X (see the module doc)
+MASK_NAMES = (*(s + e for s in ("", "_mask", "_masks", "_labels", "_cp_masks", ".stardist") for e in TIFF_EXTENSIONS),
+              "_cp_masks.png", "_seg.npy")
+CELLPOSE_SEG = "_seg.npy"  # Cellpose's GUI file: a pickled dict (read_mask)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def check_spec(spec: str) -> None:
-    """MASKS must be a folder or a pattern naming files by {stem}."""
-    if not os.path.isdir(spec) and "{stem}" not in spec:
-        raise ProtlocError(f"{spec}: --cells needs a folder of masks or a pattern with {{stem}} (e.g. "
-                           f"'masks/{{stem}}_cp_masks.tif'); this is neither")
+    """MASKS must be a folder, {dir} (each image's folder), or a pattern naming files by {stem}."""
+    if not os.path.isdir(spec) and "{stem}" not in spec and "{dir}" not in spec:
+        raise ProtlocError(f"{spec}: --cells needs a folder of masks, {{dir}} for masks beside the images, or a "
+                           f"pattern with {{stem}} (e.g. 'masks/{{stem}}_cp_masks.tif'); this is none of them")
 
 
 def find_mask(image_id: str, spec: str) -> str:
     """The mask file of an image (protloc.sources.Source.id) under MASKS `spec`; never the image itself."""
     stem = file_stem(image_id)
-    if os.path.isdir(spec):
-        found = [p for s in MASK_SUFFIXES for e in TIFF_EXTENSIONS
-                 if os.path.isfile(p := os.path.join(spec, stem + s + e))]
-        wanted = os.path.join(spec, f"{stem}[{'|'.join(MASK_SUFFIXES[1:])}].tif")
+    if "{stem}" not in spec:  # a folder, or a folder per image ({dir})
+        folder = spec.replace("{dir}", os.path.dirname(image_id) or ".")
+        found = [p for name in MASK_NAMES if os.path.isfile(p := os.path.join(folder, stem + name))]
+        wanted = os.path.join(folder, f"{stem}{{{','.join(MASK_NAMES)}}}")
     else:
         wanted = spec.replace("{dir}", os.path.dirname(image_id) or ".").replace("{stem}", stem)
         found = sorted(glob.glob(wanted)) if any(c in wanted for c in "*?[") else \
@@ -96,8 +112,30 @@ def image_sources(sources: list[Source], spec: str) -> list[Source]:
 
 
 def read_mask(path: str, shape: tuple[int, int], image_id: str, max_pixels: int) -> np.ndarray:
-    """A label image as (Y, X) int64, checked against the image's (Y, X) `shape`. A file of several
-    series, or whose data are cut short, is refused like any other damage."""
+    """A label image (TIFF, PNG or Cellpose `_seg.npy`) as (Y, X) int64, checked against the image's
+    (Y, X) `shape`. A file of several series, or whose data are cut short, is refused like any other damage."""
+    if path.endswith(CELLPOSE_SEG):
+        mask = _read_cellpose_seg(path)
+    elif path.lower().endswith(".png"):
+        mask = _read_png(path, max_pixels)
+    else:
+        mask = _read_tiff_mask(path, max_pixels)
+    if mask.ndim != 2:
+        raise ProtlocError(f"{path}: a mask must be one 2-D label image, got shape {mask.shape}")
+    if mask.shape != tuple(shape):
+        raise ProtlocError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} pixels but image {image_id} is "
+                           f"{shape[0]}x{shape[1]}")
+    if mask.dtype.kind == "f" and not (np.isfinite(mask).all() and (mask == np.round(mask)).all()):
+        raise ProtlocError(f"{path}: a mask holds integer cell labels; found fractional values")
+    if mask.dtype.kind not in "buif":
+        raise ProtlocError(f"{path}: unsupported mask pixel type {mask.dtype}")
+    mask = mask.astype(np.int64)
+    if mask.min() < 0:
+        raise ProtlocError(f"{path}: a mask holds labels >= 0 (0 = background); found {mask.min()}")
+    return mask
+
+
+def _read_tiff_mask(path: str, max_pixels: int) -> np.ndarray:
     messages = TiffMessages(path)  # tifffile's complaints: a damaged mask is an error, never raw stderr
     try:
         with messages.capture(), tifffile.TiffFile(path) as tif:
@@ -114,19 +152,34 @@ def read_mask(path: str, shape: tuple[int, int], image_id: str, max_pixels: int)
         messages.raise_errors()
         raise ProtlocError(f"{path}: not a readable TIFF mask ({type(e).__name__}: {e})") from None
     messages.raise_errors()
-    if mask.ndim != 2:
-        raise ProtlocError(f"{path}: a mask must be one 2-D label image, got shape {mask.shape}")
-    if mask.shape != tuple(shape):
-        raise ProtlocError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} pixels but image {image_id} is "
-                           f"{shape[0]}x{shape[1]}")
-    if mask.dtype.kind == "f" and not (np.isfinite(mask).all() and (mask == np.round(mask)).all()):
-        raise ProtlocError(f"{path}: a mask holds integer cell labels; found fractional values")
-    if mask.dtype.kind not in "buif":
-        raise ProtlocError(f"{path}: unsupported mask pixel type {mask.dtype}")
-    mask = mask.astype(np.int64)
-    if mask.min() < 0:
-        raise ProtlocError(f"{path}: a mask holds labels >= 0 (0 = background); found {mask.min()}")
     return mask
+
+
+def _read_png(path: str, max_pixels: int) -> np.ndarray:
+    """A PNG label image (Cellpose's `_cp_masks.png`: 16-bit grey), its size checked before decoding."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:8] != PNG_SIGNATURE or len(data) < 24:
+        raise ProtlocError(f"{path}: not a PNG file")
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
+    if width * height > max_pixels:
+        raise ProtlocError(f"{path}: mask of {height}x{width} pixels is larger than --max-pixels")
+    try:
+        return np.squeeze(imagecodecs.png_decode(data))
+    except Exception as e:  # noqa: BLE001 - a damaged file can make the decoder raise anything
+        raise ProtlocError(f"{path}: not a readable PNG mask ({type(e).__name__}: {e})") from None
+
+
+def _read_cellpose_seg(path: str) -> np.ndarray:
+    """The `masks` of Cellpose's GUI file (np.save of a dict: a pickle, so only for this file name)."""
+    try:
+        seg = np.load(path, allow_pickle=True)
+        seg = seg.item() if seg.dtype == object and seg.shape == () else seg
+    except Exception as e:  # noqa: BLE001 - a damaged file can make numpy or pickle raise anything
+        raise ProtlocError(f"{path}: not a readable Cellpose _seg.npy file ({type(e).__name__}: {e})") from None
+    if not isinstance(seg, dict) or not isinstance(seg.get("masks"), np.ndarray):
+        raise ProtlocError(f"{path}: a Cellpose _seg.npy file holds a dict with 'masks'; this one does not")
+    return np.squeeze(seg["masks"])
 
 
 @dataclass

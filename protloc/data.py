@@ -115,6 +115,7 @@ class ViewOptions:
     z: str = "max"
     axes: str | None = None
     series: int | None = None  # --series: which of a file's tifffile series (tiff.py); None: the default one
+    zarr_level: int = 0  # --zarr-level: an OME-Zarr image's resolution level (source_zarr.py); 0: the full one
     max_pixels: int = DEFAULT_MAX_PIXELS
     model_channels: tuple[str, ...] | None = None  # a fused-layout model: the slots to fill (channel_map.py)
     known_channels: tuple[str, ...] | None = None  # a channel-layout model: names it has embeddings for
@@ -134,7 +135,7 @@ class ViewOptions:
 
     def to_record(self) -> dict:
         """The view as embeddings files (meta) and MODELs (views) record it, JSON-able: what makes a row
-        (how the files were read: axes, series, max_pixels, is the data's, not recorded). Cell crop
+        (how the files were read: axes, series, zarr_level, max_pixels, is the data's, not recorded). Cell crop
         settings are None without cells; stride is the tile size when not given."""
         cells = self.cells is not None
         return {"size": self.size, "normalize": self.normalize,
@@ -237,7 +238,8 @@ def load_item(index: int, source: Source, opts: ViewOptions) -> Item:
     the reader's warnings become Item.warnings (a loader worker never prints)."""
     image = None
     try:
-        image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels, series=opts.series)
+        image = read_source(source, z=opts.z, axes=opts.axes, max_pixels=opts.max_pixels, series=opts.series,
+                            level=opts.zarr_level)
         keep, names = select_channels(image.pixels.shape[0], image.channel_names,
                                       list(opts.channels) if opts.channels else None, source.id)
         check_channels(names, opts, source.id)

@@ -1,7 +1,8 @@
 """Row ids and stems: how an embedding row names its image, tile or cell, and a file name its image.
 
 An image's id is its file's path as given (normalized), or the stem `dir/X` of a one-file-per-
-channel image (`dir/X_gfp.tif`, `dir/X_rfp.tif`). A tile's row is `ID#tile=K` (tile order,
+channel image (`dir/X_gfp.tif`, `dir/X_rfp.tif`), a plate field's path `plate.zarr/B/3/0`, or a
+manifest row's `id` (protloc/source_manifest.py). A tile's row is `ID#tile=K` (tile order,
 protloc/tiles.py), a cell's `ID#cell=K` (mask label K, protloc/cells.py). Only a fragment at the
 very end is one: `a#1.tif#tile=0` is tile 0 of `a#1.tif`; an image id ending like one is refused.
 A stem is a path less its TIFF extension (.tif, .tiff, .ome.tif, .ome.tiff, any case).

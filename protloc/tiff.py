@@ -97,7 +97,7 @@ def read_channel_files(stem: str, paths: list[str], z: str = "max", axes: str | 
                                f"files of {stem} must have the same size")
         planes.append(img.pixels[0])
         notes += img.warnings
-    return Image(_convert(np.stack(planes), stem), None, stem, notes)
+    return Image(convert(np.stack(planes), stem), None, stem, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def _read(tif, path, z, axes, max_pixels, series, messages):
             if series not in (None, 0):
                 raise _no_series(path, series, 1)
             messages.raise_errors()
-            return _convert(_read_micromanager(tif.pages, path, z, max_pixels, planes), path), None, []
+            return convert(_read_micromanager(tif.pages, path, z, max_pixels, planes), path), None, []
     ome = OmeXml.of(tif.pages.first.description, path) if tif.is_ome else None
     master = ome.master() if ome is not None else None
     if master is None:
@@ -248,7 +248,7 @@ def _read_series(tif, path, ome, z, axes, max_pixels, series, messages, held=Non
             full = [(n, a) for n, a in zip(chosen.full_shape, chosen.full_letters) if n > 1 or a in letters]
             if len(full) == len(letters):
                 shape = tuple(n for n, _ in full)
-    _check_size(path, math.prod(shape), max_pixels)
+    check_size(path, math.prod(shape), max_pixels)
     roles = layout(path, shape, letters, chosen.from_metadata, explicit=axes is not None)
     cache = tifffile.FileCache()  # companion files of a multi-file OME-TIFF are reopened as needed
     try:
@@ -257,7 +257,7 @@ def _read_series(tif, path, ome, z, axes, max_pixels, series, messages, held=Non
             pixels = _project_array(chosen.read(cache).reshape(shape), roles, z)
     finally:
         cache.clear()
-    pixels = _convert(pixels, path)
+    pixels = convert(pixels, path)
     names = ome.channel_names(image, pixels.shape[0]) if image is not None else None
     return pixels, names, notes
 
@@ -284,7 +284,7 @@ def _to_zcyx(a, roles):
 def _project_array(data, roles, z):
     """Project a whole (already read) array."""
     stack = _to_zcyx(data, roles)
-    proj = _Projection(z if "Z" in roles else "max", stack.shape[1], stack.shape[0])
+    proj = Projection(z if "Z" in roles else "max", stack.shape[1], stack.shape[0])
     for zi in range(stack.shape[0]):
         if proj.wants(zi):
             for c in range(stack.shape[1]):
@@ -308,7 +308,7 @@ def _project_pages(pages, shape, roles, z, cache):
     c_dims = [i for i, r in enumerate(lead_roles) if r == "C"]
     c_lead = tuple(lead[i] for i in c_dims)
     nc_page = math.prod(s for s, r in zip(page_shape, roles[k:]) if r == "C")
-    proj = _Projection(z if "Z" in roles else "max", math.prod(c_lead) * nc_page, nz)
+    proj = Projection(z if "Z" in roles else "max", math.prod(c_lead) * nc_page, nz)
     for i, page in enumerate(pages):
         idx = np.unravel_index(i, lead)
         zi = next((int(idx[j]) for j, r in enumerate(lead_roles) if r == "Z"), 0)
@@ -331,11 +331,11 @@ def _read_micromanager(pages, path, z, max_pixels, planes=None):
     channels = list(dict.fromkeys(c for c, _ in planes))
     shape = tuple(pages[0].shape)  # (Y, X), or with samples (Y, X, S) or (S, Y, X)
     n_samples = pages[0].samplesperpixel if len(shape) == 3 else 1
-    _check_size(path, len(planes) * math.prod(shape), max_pixels)
+    check_size(path, len(planes) * math.prod(shape), max_pixels)
     slices = {c: sorted(s for cc, s in planes if cc == c) for c in channels}
     middle = {c: s[len(s) // 2] for c, s in slices.items()}
     has_z = any(len(s) > 1 for s in slices.values())
-    proj = _Projection(z if has_z else "max", len(channels) * n_samples, 1)
+    proj = Projection(z if has_z else "max", len(channels) * n_samples, 1)
     for page, (c, s) in zip(pages, planes):
         if z == "middle" and s != middle[c]:
             continue
@@ -348,7 +348,7 @@ def _read_micromanager(pages, path, z, max_pixels, planes=None):
     return proj.result()
 
 
-class _Projection:
+class Projection:
     """Running Z projection of C channels, one (Y, X) plane at a time."""
 
     def __init__(self, mode, n_channels, n_z):
@@ -380,7 +380,7 @@ class _Projection:
 # helpers
 
 
-def _convert(a, source):
+def convert(a, source):
     """Keep uint8 / uint16 / float32 (native byte order); bool -> uint8; other numbers -> float32.
     An image without pixels (a width or height of 0 in a damaged header) is refused."""
     if a.size == 0:
@@ -397,7 +397,7 @@ def _convert(a, source):
     return np.ascontiguousarray(out)
 
 
-def _check_size(path, n_pixels, max_pixels):
+def check_size(path, n_pixels, max_pixels):
     if max_pixels is not None and n_pixels > max_pixels:
         raise ProtlocError(f"{path}: declares {n_pixels:,} pixels, more than --max-pixels {max_pixels:,}")
 

@@ -31,15 +31,15 @@ PRETRAIN = [*TINY, "--out-dim", "32", "--batch-size", "2", "--global-size", "32"
 
 PROTLOC_WITH_A_SLOW_IMAGE = """
 import os, sys, time
-import protloc.sources
-read = protloc.sources.read_tiff
+import protloc.source_tiff
+read = protloc.source_tiff.read_tiff
 def slow(path, *args, **kwargs):
     if path.endswith("z_wait.tif"):
         open("READY", "w").close()
         while not os.path.exists("GO"):
             time.sleep(0.01)
     return read(path, *args, **kwargs)
-protloc.sources.read_tiff = slow
+protloc.source_tiff.read_tiff = slow
 from protloc.cli import main
 from protloc.cli.progress import StatusLine
 main(sys.argv[1:], prog_name="protloc")

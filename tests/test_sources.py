@@ -65,7 +65,7 @@ def test_errors(tmp_path):
     touch(tmp_path, "empty/.hidden.tif")
     with pytest.raises(ProtlocError) as e:
         discover([str(tmp_path / "empty") + "/"])
-    assert str(e.value) == f"{tmp_path}/empty/: no .tif/.tiff files under this directory"
+    assert str(e.value) == f"{tmp_path}/empty/: no .tif/.tiff files or .zarr images under this directory"
     with pytest.raises(ProtlocError, match="nope.tif: no such file"):
         discover(["-"], stdin=io.StringIO(missing + "\n"))
 
