@@ -14,22 +14,24 @@ from protloc.cli.options import (architecture_options, cell_options, channel_opt
 from protloc.data import ViewOptions, model_view
 from protloc.embed import EmbedStats, embed, load_backbone
 from protloc.errors import ProtlocError
-from protloc.embeddings import EXTENSIONS, RowWriter, write_embeddings, write_ids
+from protloc.embeddings import EXTENSIONS, RowWriter, format_of, write_embeddings, write_ids
 from protloc.output import check_destination
+from protloc.row_meta import check_source_meta, row_columns
 from protloc.shard import gather_to_main, my_slice
 from protloc.sources import discover
 
 
 def _check_output(output: str) -> None:
-    if output != "-" and os.path.splitext(output)[1].lower() not in EXTENSIONS:
-        raise click.BadParameter(f"{output}: the output must end in .npy or .npz (or be - for stdout)",
+    if output != "-" and format_of(output) is None:
+        raise click.BadParameter(f"{output}: the output must end in {', '.join(EXTENSIONS)} (or be - for stdout)",
                                  param_hint="'-o' / '--output'")
 
 
 @click.command("embed")
 @click.argument("data", nargs=-1, required=True)
-@click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz",
-              help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids and meta.")
+@click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz|FILE.h5ad|FILE.zarr",
+              help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids, meta and "
+                   "per-row columns; .h5ad / .zarr: AnnData (X, obs, uns['protloc']) for scanpy.")
 @click.option("--ids", "ids_path", metavar="FILE",
               help="Write the row ids (one line per row: the image path, or the group stem) to FILE.")
 @click.option("--weights", required=True, metavar="CKPT|random",
@@ -60,6 +62,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     find plate1 -name '*.tif' | protloc embed - --weights model.pt -o emb.npz
     protloc embed fields/ --weights model.pt --tile 256 --aggregate mean -o emb.npz
     protloc embed fields/ --weights model.pt --cells fields/masks --cell-size 96 -o cells.npz
+    protloc embed fields/ --weights model.pt --cells fields/masks -o cells.h5ad
     """
     _check_output(output)
     check_views(tile, stride, aggregate, cells, cell_size, mask_outside, border)
@@ -72,6 +75,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     sources = discover(list(data), stdin=sys.stdin if "-" in data else None, channel_suffixes=channel_suffixes)
     if cells:
         sources = image_sources(sources, cells)
+    check_source_meta(sources)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed, model_channels=model_channels, on_error=on_error)
     opts = view_from_flags(ctx, ViewOptions.from_record({}, weights, model.config))  # unset: as the model records
@@ -94,12 +98,8 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
     meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(),
             "skipped": [i for i, _ in stats.skipped]}
-    if tile and not aggregate:  # rows are tiles: where each lies in its image
-        meta["tile_origins"] = [m["origin"] for m in stats.view_meta]
-    if cells and not aggregate:  # rows are cells: where each lies in its image
-        meta["cell_centroids"] = [m["centroid"] for m in stats.view_meta]
-        meta["cell_bboxes"] = [m["bbox"] for m in stats.view_meta]
-    write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)
+    obs = row_columns(ids, sources, stats.view_meta if (tile or cells) and not aggregate else None)
+    write_embeddings(output, writer, ids, meta, obs, stdout=sys.stdout.buffer)
     writer.close()
     if ids_path:
         write_ids(ids_path, ids)
