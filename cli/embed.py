@@ -7,14 +7,14 @@ import time
 import click
 from tqdm import tqdm
 
-from protloc import __version__, distributed
+from protloc import distributed
 from protloc.cells import image_sources
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
                                  dataset_normalization, device_option, show_progress, view_from_flags, view_options)
-from protloc.data import ViewOptions, model_view
-from protloc.embed import EmbedStats, embed, load_backbone
+from protloc.data import ViewOptions
+from protloc.embed import EmbedStats, embed, load_backbone, run_meta
 from protloc.errors import ProtlocError
-from protloc.embeddings import EXTENSIONS, RowWriter, format_of, write_embeddings, write_ids
+from protloc.embeddings import EXTENSIONS, RowWriter, check_output, format_of, write_embeddings, write_ids
 from protloc.output import check_destination
 from protloc.row_meta import check_source_meta, row_columns
 from protloc.shard import gather_to_main, my_slice
@@ -25,6 +25,7 @@ def _check_output(output: str) -> None:
     if output != "-" and format_of(output) is None:
         raise click.BadParameter(f"{output}: the output must end in {', '.join(EXTENSIONS)} (or be - for stdout)",
                                  param_hint="'-o' / '--output'")
+    check_output(output)  # its format's library
 
 
 @click.command("embed")
@@ -94,10 +95,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
         for plan in sorted(stats.channel_maps):
             click.echo(f"protloc: channels ({opts.channel_strategy}): {plan}", err=True)
 
-    record = model_view(opts, model.config).to_record()
-    record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
-    meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(),
-            "skipped": [i for i, _ in stats.skipped]}
+    meta = run_meta(model_meta, opts, model.config, stats)
     obs = row_columns(ids, sources, stats.view_meta if (tile or cells) and not aggregate else None)
     write_embeddings(output, writer, ids, meta, obs, stdout=sys.stdout.buffer)
     writer.close()

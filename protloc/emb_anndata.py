@@ -39,6 +39,11 @@ def _anndata(what: str, path: str):
     return anndata
 
 
+def require(path: str) -> None:
+    """Fail before any work when writing `path` needs anndata and it is not installed."""
+    _anndata("writing", path)
+
+
 def is_anndata_zarr(path: str) -> bool:
     """Whether `path` is an AnnData-zarr folder (its root group says encoding-type anndata), not,
     say, an OME-Zarr image; False when zarr is not installed."""

@@ -79,6 +79,17 @@ class RowWriter:
         self._file.close()
 
 
+def check_output(output: str) -> None:
+    """Refuse an output no format takes, or whose format's optional library is missing, before any work."""
+    if output == "-":
+        return
+    fmt = format_of(output)
+    if fmt is None:
+        raise ProtlocError(f"{output}: the output must end in {', '.join(EXTENSIONS)} (or be - for stdout)")
+    if fmt is emb_anndata:
+        emb_anndata.require(output)
+
+
 def write_embeddings(output: str, writer: RowWriter, ids: list[str], meta: dict, obs: dict | None = None,
                      stdout=None) -> None:
     """Write the rows to `output` in the format its extension names ("-": .npy on `stdout`),
@@ -87,10 +98,8 @@ def write_embeddings(output: str, writer: RowWriter, ids: list[str], meta: dict,
     if output == "-":
         emb_npy.write_stream(stdout, writer)
         return
-    fmt = format_of(output)
-    if fmt is None:
-        raise ProtlocError(f"{output}: the output must end in {', '.join(EXTENSIONS)} (or be - for stdout)")
-    fmt.write(output, writer, ids, meta, obs or {})
+    check_output(output)
+    format_of(output).write(output, writer, ids, meta, obs or {})
 
 
 def write_ids(path, ids: list[str]) -> None:
