@@ -14,7 +14,6 @@ uns["protloc"] its meta is empty); the checks common to all formats are protloc.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 
@@ -22,8 +21,6 @@ import numpy as np
 
 from protloc.errors import ProtlocError
 from protloc.output import atomic_dir, atomic_path
-
-log = logging.getLogger(__name__)
 
 EXTENSIONS = (".h5ad", ".zarr")
 MAGIC = b"\x89HDF\r\n\x1a\n"  # .h5ad is HDF5
@@ -78,8 +75,9 @@ def write(path: str, writer, ids: list[str], meta: dict, obs: dict, obsm: dict |
 
 
 def read(path: str, name: str):
-    """(x, ids, meta, obs, obsm) of an .h5ad file or AnnData-zarr folder; ProtlocError naming it
-    when it cannot be read as AnnData or has no X (the common checks come after, in embeddings)."""
+    """(x, ids, meta, obs, obsm, notes) of an .h5ad file or AnnData-zarr folder; ProtlocError naming
+    it when it cannot be read as AnnData or has no X (the common checks come after, in embeddings).
+    `notes`: anndata's warnings as one line each, for the caller to log once the file passed its checks."""
     anndata = _anndata("reading", path)
     if not os.path.exists(path):
         raise ProtlocError(f"{name}: no such file")
@@ -91,8 +89,7 @@ def read(path: str, name: str):
         except Exception as e:  # h5py, zarr and anndata each raise their own kinds for a file that is not AnnData
             kind = "AnnData-zarr folder" if zarr_store else "AnnData .h5ad file"
             raise ProtlocError(f"{name}: not an {kind} ({' '.join(str(e).split()) or type(e).__name__})") from None
-    for w in caught:  # one line each, as tifffile's (cli/options.py prints protloc's records so)
-        log.warning("%s: %s (anndata)", name, " ".join(str(w.message).split()))
+    notes = [f"{name}: {' '.join(str(w.message).split())} (anndata)" for w in caught]
     if adata.X is None:
         raise ProtlocError(f"{name}: AnnData without X (the embeddings matrix)")
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
@@ -101,7 +98,7 @@ def read(path: str, name: str):
     meta = plain(dict(adata.uns.get(UNS_KEY, {})))
     obs = {str(c): _column(adata.obs[c]) for c in adata.obs.columns}
     obsm = {str(k): np.asarray(v) for k, v in adata.obsm.items()}
-    return x, [str(i) for i in adata.obs_names], meta, obs, obsm
+    return x, [str(i) for i in adata.obs_names], meta, obs, obsm, notes
 
 
 def _column(series) -> list:

@@ -14,6 +14,7 @@ Adding a format is adding a module with EXTENSIONS, MAGIC, write() and read() to
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from protloc.output import atomic_path
 FORMATS = (emb_npy, emb_npz, emb_anndata)
 EXTENSIONS = tuple(ext for fmt in FORMATS for ext in fmt.EXTENSIONS)
 CHUNK_BYTES = 1 << 22
+
+log = logging.getLogger(__name__)
 
 
 def format_of(path: str):
@@ -129,11 +132,11 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None, need_ids
     else:
         file, fmt = path, format_of(path) or _sniff(path)
     if fmt is emb_anndata:
-        x, ids, meta, obs, obsm = emb_anndata.read(path, name)
+        x, ids, meta, obs, obsm, notes = emb_anndata.read(path, name)
     else:
         if not os.path.exists(path) and path != "-":
             raise ProtlocError(f"{name}: no such file")
-        (x, ids, meta, obs), obsm = fmt.read(file, name), {}
+        (x, ids, meta, obs), obsm, notes = fmt.read(file, name), {}, []
     if x.ndim != 2:
         raise ProtlocError(f"{name}: embeddings must be a 2-D array (rows, dims), got shape {x.shape}")
     if x.shape[0] == 0:
@@ -153,6 +156,8 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None, need_ids
     for column, values in (obs or {}).items():
         if len(values) != x.shape[0]:
             raise ProtlocError(f"{name}: per-row column '{column}' has {len(values)} values for {x.shape[0]} rows")
+    for note in notes:  # a library's warnings on a file that reads (on one that does not, its error says it)
+        log.warning("%s", note)
     return Embeddings(x, ids, meta, name, obs, obsm)
 
 
