@@ -146,7 +146,7 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
 
 def obs_column(spec: str | None) -> str | None:
     """`obs:COLUMN` -> COLUMN; anything else (a CSV path, None) -> None."""
-    return spec[len(OBS):] if spec is not None and spec.startswith(OBS) else None
+    return str(spec)[len(OBS):] if spec is not None and str(spec).startswith(OBS) else None
 
 
 def labels_of_rows(emb: Embeddings, labels_spec: str, groups_spec: str | None = None, *, id_column: str | None = None,
