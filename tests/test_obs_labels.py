@@ -122,3 +122,28 @@ def test_obs_label_errors_are_one_line(labelled, tmp_path):
     empty.obs["label"] = [""] * 12
     with pytest.raises(ProtlocError, match="labels no row of"):
         labels_of_rows(empty, "obs:label")
+
+
+def test_input_metadata_travels_to_obs_and_labels_knn(labelled, tmp_path, monkeypatch):
+    """What the input says about each image (Source.meta: a manifest row's other columns) becomes
+    obs columns of the embed output, and knn takes its labels and groups from them."""
+    import protloc.cli.embed as embed_cli
+    from protloc.sources import Source
+
+    images = sorted((labelled / "cells").glob("*.tif"))
+    meta = [{"label": "ab"[i % 2], "gene": f"g{i // 4}", **({"note": "bright"} if i == 0 else {})}
+            for i in range(len(images))]
+    sources = [Source(str(p), (str(p),), None, m) for p, m in zip(images, meta)]
+    monkeypatch.setattr(embed_cli, "discover", lambda *a, **k: sources)
+    out = tmp_path / "m.h5ad"
+    assert run(["embed", "manifest.csv", *RANDOM, "-o", out]).exit_code == 0
+    obs = anndata.read_h5ad(out).obs
+    assert list(obs["label"]) == [m["label"] for m in meta] and list(obs["note"]) == ["bright"] + [""] * 11
+    csv = knn_results([labelled / "e.npz", "--labels", labelled / "labels.csv"], tmp_path, "csv")
+    assert knn_results([out, "--labels", "obs:label", "--groups", "obs:gene"], tmp_path, "meta") == csv
+
+    monkeypatch.setattr(embed_cli, "discover", lambda *a, **k: [Source("a.tif", ("a.tif",), None, {"path": "x"})])
+    result = run(["embed", "manifest.csv", *RANDOM, "-o", tmp_path / "bad.h5ad"])
+    assert result.exit_code == 1 and not (tmp_path / "bad.h5ad").exists()
+    assert result.stderr.startswith("protloc: error: a.tif: its metadata has 'path', a column name protloc's output")
+    assert len(result.stderr.strip().splitlines()) == 1
