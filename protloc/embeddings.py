@@ -143,10 +143,12 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None, need_ids
         raise ProtlocError(f"{name}: no embedding rows")
     if x.dtype.kind not in "iuf":
         raise ProtlocError(f"{name}: embeddings must be numbers, got dtype {x.dtype}")
-    x = np.asarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).any(axis=1).sum())
         raise ProtlocError(f"{name}: {bad} row(s) hold NaN or infinite values")
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and np.abs(x).max() > np.finfo(np.float32).max:
+        raise ProtlocError(f"{name}: values beyond float32's range ({np.abs(x).max():.3g}): embeddings are float32")
+    x = np.asarray(x, dtype=np.float32)
     if ids_path is not None:
         ids = read_ids(ids_path)
     if ids is not None:

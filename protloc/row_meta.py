@@ -12,7 +12,8 @@
     for rows whose image does not have it
 
 Rows averaged over an image's tiles or cells (`--aggregate mean`) are image rows. The names above
-are protloc's own: an input metadata key among them is refused before any image is read.
+are protloc's own: an input metadata key among them, or one AnnData cannot store, is refused
+before any image is read (check_source_meta).
 """
 
 from __future__ import annotations
@@ -30,14 +31,18 @@ RESERVED = ("id", "image", "path", "view", "view_index", *(c for cs in VIEW_COLU
 
 
 def check_source_meta(sources: list[Source]) -> None:
-    """Refuse input metadata whose column names protloc's own per-row columns use (or are empty):
-    one would overwrite the other in the output."""
+    """Refuse, before any image is read, input metadata whose column name protloc's own per-row
+    columns use (one would overwrite the other), or that AnnData cannot store (empty, `_index`,
+    or holding '/', which zarr refuses): every output format holds the same columns."""
     for src in sources:
         for key in src.meta:
-            if key in RESERVED or not key.strip():
-                shown = f"'{key}'" if key.strip() else "an unnamed column"
-                raise ProtlocError(f"{src.id}: its metadata has {shown}, a column name protloc's output uses itself "
+            if key in RESERVED:
+                raise ProtlocError(f"{src.id}: its metadata has '{key}', a column name protloc's output uses itself "
                                    f"({', '.join(RESERVED)}); rename it in the input")
+            if not key.strip() or key == "_index" or "/" in key:
+                shown = f"'{key}'" if key.strip() else "an unnamed column"
+                raise ProtlocError(f"{src.id}: its metadata has {shown}, a column name AnnData cannot store (empty, "
+                                   "_index, or with '/'); rename it in the input")
 
 
 def row_columns(ids: list[str], sources: list[Source], view_meta: list[dict] | None = None) -> dict[str, list]:

@@ -121,8 +121,11 @@ def test_source_meta_becomes_string_columns(tmp_path):
     write_embeddings(str(tmp_path / "m.h5ad"), writer, ids, {"pool": "cls"}, columns)
     obs = anndata.read_h5ad(tmp_path / "m.h5ad").obs
     assert list(obs["treatment"].astype(str)) == ["dmso", "dmso", ""] and obs["centroid_y"].dtype.kind == "f"
-    with pytest.raises(ProtlocError, match="a.tif: its metadata has 'view'"):
-        check_source_meta([Source("a.tif", ("a.tif",), None, {"view": "x"})])
+    check_source_meta(sources)
+    for key, why in (("view", "protloc's output uses itself"), ("dose/uM", "AnnData cannot store"),
+                     ("_index", "AnnData cannot store"), (" ", "an unnamed column")):
+        with pytest.raises(ProtlocError, match=f"a.tif: its metadata has .*{why}"):
+            check_source_meta([sources[0], Source("a.tif", ("a.tif",), None, {key: "x"})])
 
 
 def test_predict_to_anndata_holds_what_the_tsv_holds(same_run, images, fields, tmp_path):
@@ -185,6 +188,7 @@ def test_bad_anndata_is_one_line(tmp_path, same_run):
         write("empty.h5ad", X=np.zeros((0, 4), np.float32)): "no embedding rows",
         write("nan.h5ad", X=np.array([[0, 1], [np.nan, 2]], np.float32), obs=frame): "1 row",
         write("bools.h5ad", X=np.ones((2, 3), bool), obs=frame): "numeric",
+        write("huge.h5ad", X=np.array([[0, 1], [1e300, 2]]), obs=frame): "beyond float32's range",
     }
     (tmp_path / "text.h5ad").write_text("not hdf5")
     cases[tmp_path / "text.h5ad"] = "not an AnnData .h5ad file"
