@@ -155,9 +155,12 @@ def read_embeddings(path: str, ids_path: str | None = None, stdin=None, need_ids
         _check_ids(ids, ids_path or name, x.shape[0])
     elif need_ids:
         raise ProtlocError(f"{name}: no row ids: pass --ids FILE (from `protloc embed --ids`) or use an .npz or .h5ad")
+    if obs is not None and not isinstance(obs, dict):
+        raise ProtlocError(f"{name}: per-row columns must be a mapping of column -> values, got {type(obs).__name__}")
     for column, values in (obs or {}).items():
-        if len(values) != x.shape[0]:
-            raise ProtlocError(f"{name}: per-row column '{column}' has {len(values)} values for {x.shape[0]} rows")
+        if not isinstance(values, list) or len(values) != x.shape[0]:
+            got = f"{len(values)} values" if isinstance(values, list) else f"a {type(values).__name__}"
+            raise ProtlocError(f"{name}: per-row column '{column}' has {got} for {x.shape[0]} rows")
     for note in notes:  # a library's warnings on a file that reads (on one that does not, its error says it)
         log.warning("%s", note)
     return Embeddings(x, ids, meta, name, obs, obsm)

@@ -201,6 +201,16 @@ def test_bad_anndata_is_one_line(tmp_path, same_run):
         assert len(lines) == 1 and lines[0].startswith(f"protloc: error: {path}") and what in lines[0], lines
 
 
+def test_npz_per_row_columns_are_checked(tmp_path):
+    x = np.ones((2, 3), np.float32)
+    for obs, what in (({"a": ["1"]}, "'a' has 1 values for 2 rows"), ({"a": 5}, "'a' has a int for 2 rows"),
+                      (["a"], "must be a mapping")):
+        np.savez(tmp_path / "e.npz", embeddings=x, ids=np.array(["p", "q"]), meta=np.array("{}"),
+                 obs=np.array(json.dumps(obs)))
+        with pytest.raises(ProtlocError, match=what):
+            read_embeddings(str(tmp_path / "e.npz"))
+
+
 def test_missing_extra_is_one_line_before_any_work(images, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "anndata", None)  # import anndata fails
     result = run(["embed", *images, *RANDOM, "-o", tmp_path / "e.h5ad"])
