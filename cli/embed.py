@@ -7,16 +7,17 @@ import time
 import click
 from tqdm import tqdm
 
-from protloc import __version__, distributed
+from protloc import distributed
 from protloc.cells import image_sources
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
                                  dataset_normalization, device_option, show_progress, view_from_flags, view_options)
 from protloc.data import ViewOptions, model_view
-from protloc.embed import EmbedStats, embed, load_backbone
+from protloc.embed import EmbedStats, embed, load_backbone, run_meta
 from protloc.embed_resume import CHUNK_IMAGES, ChunkStore, embed_resumable, work_folder
 from protloc.errors import ProtlocError
-from protloc.embeddings import EXTENSIONS, RowWriter, write_embeddings, write_ids
+from protloc.embeddings import EXTENSIONS, RowWriter, check_output, format_of, write_embeddings, write_ids
 from protloc.output import check_destination
+from protloc.row_meta import check_source_meta, row_columns
 from protloc.shard import gather_to_main, my_slice, part_slice
 from protloc.sources import discover, inputs_digest
 
@@ -35,15 +36,17 @@ def _shard(_ctx, param, value):
 
 
 def _check_output(output: str) -> None:
-    if output != "-" and os.path.splitext(output)[1].lower() not in EXTENSIONS:
-        raise click.BadParameter(f"{output}: the output must end in .npy or .npz (or be - for stdout)",
+    if output != "-" and format_of(output) is None:
+        raise click.BadParameter(f"{output}: the output must end in {', '.join(EXTENSIONS)} (or be - for stdout)",
                                  param_hint="'-o' / '--output'")
+    check_output(output)  # its format's library
 
 
 @click.command("embed")
 @click.argument("data", nargs=-1, required=True)
-@click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz",
-              help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids and meta.")
+@click.option("-o", "--output", default="-", metavar="-|FILE.npy|FILE.npz|FILE.h5ad|FILE.zarr",
+              help="Where the embeddings go: - = .npy on stdout (refused on a terminal); .npz also holds ids, meta and "
+                   "per-row columns; .h5ad / .zarr: AnnData (X, obs, uns['protloc']) for scanpy.")
 @click.option("--ids", "ids_path", metavar="FILE",
               help="Write the row ids (one line per row: the image path, or the group stem) to FILE.")
 @click.option("--weights", required=True, metavar="CKPT|random",
@@ -83,6 +86,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
     find plate1 -name '*.tif' | protloc embed - --weights model.pt -o emb.npz
     protloc embed fields/ --weights model.pt --tile 256 --aggregate mean -o emb.npz
     protloc embed fields/ --weights model.pt --cells fields/masks --cell-size 96 -o cells.npz
+    protloc embed fields/ --weights model.pt --cells fields/masks -o cells.h5ad
     """
     _check_output(output)
     check_views(tile, stride, aggregate, cells, cell_size, mask_outside, border)
@@ -104,6 +108,7 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
             raise ProtlocError(f"--shard {index}/{count}: more parts than the {len(sources)} input image(s)")
         part = {"index": index, "count": count, "inputs": len(sources), "inputs_digest": inputs_digest(sources)}
         sources = sources[part_slice(len(sources), index - 1, count)]
+    check_source_meta(sources)
     model, model_meta = load_backbone(weights, sources, opts, arch=arch, patch=int(patch), layout=layout,
                                       depth=depth, seed=seed, model_channels=model_channels, on_error=on_error)
     opts = view_from_flags(ctx, ViewOptions.from_record({}, weights, model.config))  # unset: as the model records
@@ -131,16 +136,11 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
         for plan in sorted(stats.channel_maps):
             click.echo(f"protloc: channels ({opts.channel_strategy}): {plan}", err=True)
 
-    record = model_view(opts, model.config).to_record()
-    record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
-    meta = {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(),
-            "skipped": [i for i, _ in stats.skipped], **({"shard": part} if part else {})}
-    if tile and not aggregate:  # rows are tiles: where each lies in its image
-        meta["tile_origins"] = [m["origin"] for m in stats.view_meta]
-    if cells and not aggregate:  # rows are cells: where each lies in its image
-        meta["cell_centroids"] = [m["centroid"] for m in stats.view_meta]
-        meta["cell_bboxes"] = [m["bbox"] for m in stats.view_meta]
-    write_embeddings(output, writer, ids, meta, stdout=sys.stdout.buffer)
+    meta = run_meta(model_meta, opts, model.config, stats)
+    if part:
+        meta["shard"] = part
+    obs = row_columns(ids, sources, stats.view_meta if (tile or cells) and not aggregate else None)
+    write_embeddings(output, writer, ids, meta, obs, stdout=sys.stdout.buffer)
     writer.close()
     if store is not None:  # the output is whole: the chunks are no longer needed
         store.remove()

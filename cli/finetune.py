@@ -28,7 +28,7 @@ from protloc.finetune import STEP_SETTINGS, FinetuneConfig, check_mode, steps_pe
 from protloc.finetune_setup import labelled_images, prepare_embeddings, prepare_images
 from protloc.folds import check_folds, require_classes, scored_classes
 from protloc.head import BALANCES, HEADS, PROBE_C, PROBE_FOLDS, PROBE_MAX_ITER
-from protloc.labels import read_labels
+from protloc.labels import labels_of_rows, obs_column, read_labels
 from protloc.output import atomic_path, check_destination
 from protloc.sources import discover
 
@@ -59,8 +59,12 @@ def _chosen_C(values) -> str:
 
 @click.command("finetune")
 @click.argument("inputs", metavar="DATA...|EMB", nargs=-1, required=True)
-@click.option("--labels", "labels_path", required=True, metavar="CSV",
-              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
+@click.option("--labels", "labels_path", required=True, metavar="CSV|obs:COLUMN",
+              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group; or, for "
+                   "an EMB, obs:COLUMN, one of its per-row columns (.h5ad obs, .npz): rows with an empty value are "
+                   "unlabelled.")
+@click.option("--groups", "groups_spec", metavar="obs:COLUMN", default=None,
+              help="For an EMB: groups from one of its per-row columns instead of the labels CSV's group column.")
 @click.option("-o", "--output", metavar="MODEL", default=None,
               help="Write the classifier fitted on all labelled rows after the cross-validation (with its own "
                    "validation split). Without -o only the cross-validation runs.")
@@ -136,21 +140,23 @@ def _chosen_C(values) -> str:
 @device_option
 @common
 @click.pass_context
-def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, patch, layout, depth, head_kind, folds,
-                     seeds, seed, fraction, val_fraction, balance, epochs, min_steps, patience, lr, weight_decay,
-                     batch_size, backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride, aggregate, cells,
-                     cell_size, mask_outside, border, channel_strategy, fill, model_channels, ids_path, id_column,
-                     label_column, group_column, no_groups, json_path, force, channels, channel_suffixes, z, axes,
-                     series, max_pixels, workers, on_error, device, quiet):
+def finetune_command(ctx, inputs, labels_path, groups_spec, output, freeze, weights, arch, patch, layout, depth,
+                     head_kind, folds, seeds, seed, fraction, val_fraction, balance, epochs, min_steps, patience, lr,
+                     weight_decay, batch_size, backbone_lr_scale, layer_decay, size, normalize, pool, tile, stride,
+                     aggregate, cells, cell_size, mask_outside, border, channel_strategy, fill, model_channels,
+                     ids_path, id_column, label_column, group_column, no_groups, json_path, force, channels,
+                     channel_suffixes, z, axes, series, max_pixels, workers, on_error, device, quiet):
     """Train a localization classifier and cross-validate it: per-class F1 and macro F1 of the pooled
     out-of-fold predictions, beside the per-fold macro F1 (mean ± std over folds x seeds).
 
     DATA: TIFF files, directories and - (paths on stdin), with --weights; or EMB: one embeddings
-    file from `protloc embed` (.npz, or .npy with --ids), on which a head is trained (--freeze implied).
+    file from `protloc embed` (.npz, .h5ad, .zarr, or .npy with --ids), on which a head is trained
+    (--freeze implied).
     The table goes to stdout.
 
     \b
     protloc finetune emb.npz --labels labels.csv --head mlp --folds 5 --seeds 3 -o head.pt
+    protloc finetune emb.h5ad --labels obs:label --groups obs:gene -o head.pt
     protloc finetune cells/ --labels labels.csv --weights dino.pt --freeze --json cv.json
     protloc finetune cells/ --labels labels.csv --weights dino.pt --size 224 -o model.pt
     protloc finetune fields/ --labels labels.csv --weights dino.pt --freeze --cells fields/masks -o cells.pt
@@ -168,6 +174,10 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
         raise click.UsageError("images need a backbone: --weights CKPT|random (or give an EMB file)")
     if ids_path and not from_embeddings:
         raise click.UsageError("--ids goes with an .npy EMB input")
+    if not from_embeddings and (obs_column(labels_path) is not None or groups_spec):
+        raise click.UsageError("--labels obs:COLUMN and --groups take columns of an EMB file; images take a labels CSV")
+    if groups_spec and no_groups:
+        raise click.UsageError("--groups and --no-groups contradict each other")
     freeze = freeze or from_embeddings
     if not freeze and size == 0:
         raise click.UsageError("--size 0 (native size) goes with --freeze (fine-tuning trains on crops of one size)")
@@ -187,15 +197,17 @@ def finetune_command(ctx, inputs, labels_path, output, freeze, weights, arch, pa
     for path in (output, json_path):
         if path:
             check_destination(path, force)
-    labels = read_labels(labels_path, id_column=id_column, label_column=label_column,
-                         group_column=None if no_groups else group_column)
     device = resolve_device(device)
     start = time.perf_counter()
 
     if from_embeddings:
         emb = read_embeddings(inputs[0], ids_path, need_ids=True)
+        labels = labels_of_rows(emb, labels_path, groups_spec, id_column=id_column, label_column=label_column,
+                                group_column=None if no_groups else group_column, channel_suffixes=channel_suffixes)
         run = prepare_embeddings(emb, labels, cfg, device, channel_suffixes)
     else:
+        labels = read_labels(labels_path, id_column=id_column, label_column=label_column,
+                             group_column=None if no_groups else group_column)
         sources = discover(list(inputs), stdin=sys.stdin if "-" in inputs else None, channel_suffixes=channel_suffixes)
         if cells:
             sources = image_sources(sources, cells)

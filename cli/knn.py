@@ -9,7 +9,7 @@ import click
 from protloc.cli.options import common
 from protloc.embeddings import read_embeddings
 from protloc.knn import cross_validate, format_table, results_to_json
-from protloc.labels import match_rows, read_labels
+from protloc.labels import labels_of_rows, match_rows
 from protloc.output import atomic_path, check_destination
 
 
@@ -31,8 +31,12 @@ def _finite(_ctx, param, value):
 
 @click.command("knn")
 @click.argument("embs", metavar="EMB...", nargs=-1, required=True)
-@click.option("--labels", "labels_path", required=True, metavar="CSV",
-              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group.")
+@click.option("--labels", "labels_path", required=True, metavar="CSV|obs:COLUMN",
+              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group; or "
+                   "obs:COLUMN, a per-row column of the EMB (.h5ad obs, .npz): rows with an empty value are "
+                   "unlabelled.")
+@click.option("--groups", "groups_spec", metavar="obs:COLUMN", default=None,
+              help="Groups from a per-row column of the EMB instead of the labels CSV's group column.")
 @click.option("--ids", "ids_path", metavar="FILE",
               help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
 @click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")
@@ -55,24 +59,30 @@ def _finite(_ctx, param, value):
                    "(default: those recorded in an .npz).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
 @common
-def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_groups, seed, json_path, id_column,
-                label_column, group_column, channel_suffixes, force, quiet):
+def knn_command(embs, labels_path, groups_spec, ids_path, ks, temperature, folds, loo, no_groups, seed, json_path,
+                id_column, label_column, group_column, channel_suffixes, force, quiet):
     """Evaluate embeddings by weighted k-NN, per k: macro F1 of the pooled out-of-fold predictions,
     and macro F1 and accuracy per fold (mean ± std); leave-one-out: pooled macro F1 and accuracy.
 
-    EMB: an .npy (with --ids), an .npz from `protloc embed`, or - (either, on stdin). Several EMB
-    files (e.g. random-init and pretrained) are evaluated on the same folds and shown side by side.
-    The table goes to stdout."""
+    EMB: an .npy (with --ids), an .npz or AnnData (.h5ad, .zarr) from `protloc embed`, or - (an .npy
+    or .npz on stdin). Several EMB files (e.g. random-init and pretrained) are evaluated on the same
+    folds and shown side by side. The table goes to stdout.
+
+    \b
+    protloc knn random.npz dino.npz --labels cells/labels.csv
+    protloc knn emb.h5ad --labels obs:label --groups obs:gene"""
     if ids_path and len(embs) > 1:
         raise click.UsageError("--ids goes with a single EMB; use .npz files to compare several")
     if json_path:
         check_destination(json_path, force)
-    labels = read_labels(labels_path, id_column=id_column, label_column=label_column,
-                         group_column=None if no_groups else group_column)
+    if groups_spec and no_groups:
+        raise click.UsageError("--groups and --no-groups contradict each other")
     runs, records = [], []
     for emb in embs:
         emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None, need_ids=True)
         suffixes = channel_suffixes.split(",") if channel_suffixes else emb_file.meta.get("channel_suffixes")
+        labels = labels_of_rows(emb_file, labels_path, groups_spec, id_column=id_column, label_column=label_column,
+                                group_column=None if no_groups else group_column, channel_suffixes=suffixes)
         matched = match_rows(emb_file.ids, labels, base_dir=emb_file.meta.get("cwd"), channel_suffixes=suffixes)
         if not quiet:
             click.echo(f"protloc: {emb_file.source}: {len(matched.rows)} labelled row(s), "
@@ -81,7 +91,8 @@ def knn_command(embs, labels_path, ids_path, ks, temperature, folds, loo, no_gro
                        + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
         results = cross_validate(emb_file.x, matched, ks=ks, folds=folds, loo=loo, temperature=temperature, seed=seed)
         runs.append((emb_file.source, results))
-        meta = {"embeddings": emb_file.source, "labels": labels_path, "rows": int(len(matched.rows)),
+        meta = {"embeddings": emb_file.source, "labels": labels_path, "groups": groups_spec,
+                "rows": int(len(matched.rows)),
                 "classes": matched.classes, "multilabel": matched.multilabel, "temperature": temperature,
                 "protocol": "leave-one-out" if loo else f"{folds}-fold", "seed": seed,
                 "grouped": matched.groups is not None, "no_groups": no_groups}

@@ -59,6 +59,7 @@ def plot_command():
     protloc plot knn knn.json -o knn.png
     protloc plot confusion cv.json -o confusion.png
     protloc plot embedding emb.npz --labels labels.csv --method tsne -o map.png
+    protloc plot embedding emb.h5ad --labels obs:label -o map.png
     protloc plot attention cell.tif --weights dino.pt -o attention.png
     protloc plot neighbours emb.npz --query cells/field_00003.tif -k 8 -o neighbours.png
     """
@@ -100,7 +101,8 @@ def confusion_command(result, output, dpi, title, force, quiet):
 
 @plot_command.command("embedding")
 @click.argument("emb", metavar="EMB")
-@click.option("--labels", "labels_path", metavar="CSV", help="Labels CSV to colour the rows by (default: one colour).")
+@click.option("--labels", "labels_path", metavar="CSV|obs:COLUMN",
+              help="Labels CSV, or obs:COLUMN (a per-row column of EMB), to colour the rows by (default: one colour).")
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB (from `protloc embed --ids`).")
 @click.option("--id-column", default=None, help="Labels column matched to the row ids. Default: path, else id.")
 @click.option("--label-column", default="label", help="Labels column holding the class(es).")
@@ -174,7 +176,8 @@ def attention_command(images, weights, arch, patch, layout, depth, channel_strat
 @click.option("--query", required=True, metavar="ID",
               help="The query row: its id as stored (see `protloc embed --ids`) or the path of its image.")
 @click.option("-k", "k", type=click.IntRange(min=1, max=50), default=8, help="Neighbours to show.")
-@click.option("--labels", "labels_path", metavar="CSV", help="Labels CSV: caption each image with its label.")
+@click.option("--labels", "labels_path", metavar="CSV|obs:COLUMN",
+              help="Labels CSV, or obs:COLUMN (a per-row column of EMB): caption each image with its label.")
 @click.option("--ids", "ids_path", metavar="FILE", help="Row ids of an .npy EMB (from `protloc embed --ids`).")
 @click.option("--id-column", default=None, help="Labels column matched to the row ids. Default: path, else id.")
 @click.option("--label-column", default="label", help="Labels column holding the class(es).")

@@ -160,14 +160,14 @@ def resolve_backbone(clf: Classifier, backbone_path=None, model_channels=None) -
     return model, {**meta, "config": model.config.to_dict()}
 
 
-def prediction_view(clf: Classifier, given: dict, backbone_path=None) -> tuple[VisionTransformer, ViewOptions]:
-    """The backbone (resolve_backbone) and the view with which predict embeds images for `clf`: the
+def prediction_view(clf: Classifier, given: dict, backbone_path=None) -> tuple[VisionTransformer, ViewOptions, dict]:
+    """The backbone and its meta (resolve_backbone) and the view with which predict embeds images for `clf`: the
     view recorded in MODEL (what it does not record, as the backbone records it), each ViewOptions
     field in `given` (the flags given) instead. The masks of cells belong to the data and are never
     inherited: with new ones a MODEL's tiles give way; without any, a MODEL trained on cells
     classifies whole images (with a warning)."""
     recorded = ViewOptions.from_record(clf.views, clf.source)
-    model, _ = resolve_backbone(clf, backbone_path, given.get("model_channels", recorded.model_channels))
+    model, meta = resolve_backbone(clf, backbone_path, given.get("model_channels", recorded.model_channels))
     recorded = ViewOptions.from_record(clf.views, clf.source, model.config)
     view = dataclasses.replace(recorded, cells=None)
     if given.get("cells") and "tile" not in given:
@@ -176,7 +176,27 @@ def prediction_view(clf: Classifier, given: dict, backbone_path=None) -> tuple[V
         log.warning("%s was trained on single cells (--cells %s); without --cells whole images are classified",
                     clf.source, recorded.cells)
         view = dataclasses.replace(view, aggregate=None)
-    return model, dataclasses.replace(view, **given)
+    return model, dataclasses.replace(view, **given), meta
+
+
+def check_embeddings_backbone(clf: Classifier, meta: dict, source: str) -> None:
+    """Embeddings (their file's `meta`, named `source`) must come from the backbone the head takes:
+    the MODEL's own (`protloc embed --weights MODEL`), or for a frozen one the backbone it was
+    trained on. A file that records no backbone (a bare .npy, another tool's AnnData) is trusted.
+    Raises ProtlocError naming the file and the backbone to embed with."""
+    ref = clf.backbone_ref
+    if ref.get("fine_tuned"):
+        same = meta.get("sha256") == file_sha256(clf.source)
+    elif meta.get("weights") == "random":
+        same = (ref.get("weights") == "random" and ref.get("seed") == meta.get("seed")
+                and ref.get("config") == meta.get("config"))
+    elif meta.get("sha256"):
+        same = meta["sha256"] in {ref.get("sha256")} | ({file_sha256(clf.source)} if ref.get("included") else set())
+    else:
+        return
+    if not same:
+        raise ProtlocError(f"{source}: made by another backbone ({meta.get('weights')}) than the one {clf.source} "
+                           f"takes; embed with --weights {clf.source}, or predict from the images")
 
 
 def tsv_header(classes: list[str]) -> str:

@@ -8,12 +8,14 @@ on TIFF decoding when it need not; `EmbedStats` records how long it did wait. Wi
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from protloc import __version__
 from protloc.checkpoint import file_sha256, model_from_checkpoint
 from protloc.data import ViewOptions, batches, loader, model_view, probe_channels
 from protloc.device import autocast
@@ -42,6 +44,17 @@ class EmbedStats:
                    view_meta=[m for p in parts for m in p.view_meta],
                    channel_maps=set().union(*(p.channel_maps for p in parts)),
                    skipped=[s for p in parts for s in p.skipped], data_wait_s=max(p.data_wait_s for p in parts))
+
+
+def run_meta(model_meta: dict, opts: ViewOptions, config: ViTConfig, stats: EmbedStats) -> dict:
+    """What an embeddings file records of the run that made it (the .npz's `meta`, AnnData's
+    uns["protloc"]): protloc's version, the backbone (`model_meta`: load_backbone's or
+    protloc.classifier.resolve_backbone's), the view as run (ViewOptions.to_record, with the channel
+    plans used), the folder the row ids are relative to, and the images skipped."""
+    record = model_view(opts, config).to_record()
+    record["channel_strategy"]["plans"] = sorted(stats.channel_maps)
+    return {"protloc": __version__, **model_meta, **record, "cwd": os.getcwd(),
+            "skipped": [i for i, _ in stats.skipped]}
 
 
 def load_backbone(weights: str, sources: list[Source], opts: ViewOptions, *, arch="vit_small",

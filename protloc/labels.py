@@ -7,6 +7,10 @@ one tile or cell, `path#cell=K` (`id#cell=K`): a label of that row only (single-
 where a plain `path` labels all rows of its image. Column names can be overridden, so existing
 tables work as they are, e.g. a yeast screen table with
 `id_column="protein_file", label_column="control_localization", group_column="gene"`.
+
+Labels and groups can also come from an embeddings file's own per-row columns (AnnData's obs,
+the .npz's obs: protloc.row_meta), named `obs:COLUMN` where a CSV would be (labels_of_rows): a
+row with an empty value there is unlabelled; `a;b` is multi-label, as in a CSV.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from protloc.channels import ALIASES, VOCABULARY
+from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
 from protloc.ids import group_stem, image_of, split_fragment, stem
 
 log = logging.getLogger(__name__)
+
+OBS = "obs:"  # `--labels obs:COLUMN`, `--groups obs:COLUMN`: a column of the embeddings file itself
 
 # File suffixes of one-file-per-channel layouts (`X_gfp.tif`, `X_blue.tif`) when none are given.
 DEFAULT_SUFFIXES = tuple(sorted(set(ALIASES) | set(VOCABULARY)))
@@ -135,6 +142,63 @@ def read_labels(csv_path, id_column: str | None = None, label_column: str = "lab
     return Labels(keys=keys, labels=labels, groups=groups if group_column is not None else None,
                   classes=sorted({c for names in labels for c in names}),
                   multilabel=any(len(names) > 1 for names in labels), source=src, by_path=by_path)
+
+
+def obs_column(spec: str | None) -> str | None:
+    """`obs:COLUMN` -> COLUMN; anything else (a CSV path, None) -> None."""
+    return str(spec)[len(OBS):] if spec is not None and str(spec).startswith(OBS) else None
+
+
+def labels_of_rows(emb: Embeddings, labels_spec: str, groups_spec: str | None = None, *, id_column: str | None = None,
+                   label_column: str = "label", group_column: str | None = "group",
+                   channel_suffixes: list[str] | None = None) -> Labels:
+    """The labels of an embeddings file's rows: from a labels CSV (read_labels; `id_column`,
+    `label_column`, `group_column` as there), or `obs:COLUMN` from the file's own per-row columns,
+    each with groups from `groups_spec` `obs:COLUMN` instead of the CSV's group column. Labels
+    that involve obs are keyed by the row ids (match_rows matches them exactly); a CSV's are
+    matched to the rows here first (relative to the folder embed ran in, `channel_suffixes` or
+    those recorded). Raises ProtlocError naming a missing column, or an empty group of a labelled row."""
+    label_obs, group_obs = obs_column(labels_spec), obs_column(groups_spec)
+    if groups_spec is not None and group_obs is None:
+        raise ProtlocError(f"{groups_spec}: groups come from a column of the embeddings file, obs:COLUMN (a labels "
+                           "CSV's own group column: --group-column)")
+    if label_obs is None and group_obs is None:
+        return read_labels(labels_spec, id_column=id_column, label_column=label_column, group_column=group_column)
+    groups = _obs_values(emb, group_obs) if group_obs is not None else None
+    if label_obs is not None:
+        per_row = [{n.strip() for n in v.split(";") if n.strip()} for v in _obs_values(emb, label_obs)]
+        source = f"{emb.source} {labels_spec}"
+    else:  # a CSV's labels, matched to the rows, with the file's groups
+        csv_labels = read_labels(labels_spec, id_column=id_column, label_column=label_column, group_column=None)
+        matched = match_rows(emb.ids, csv_labels, base_dir=emb.meta.get("cwd"),
+                             channel_suffixes=channel_suffixes or emb.meta.get("channel_suffixes"))
+        per_row = [set() for _ in emb.ids]
+        for r, y in zip(matched.rows, matched.y):
+            per_row[r] = {c for c, on in zip(matched.classes, y) if on}
+        source = labels_spec
+    rows = [r for r, names in enumerate(per_row) if names]
+    if not rows:
+        raise ProtlocError(f"{source}: labels no row of {emb.source}")
+    if groups is not None:
+        empty = next((r for r in rows if not groups[r]), None)
+        if empty is not None:
+            raise ProtlocError(f"{emb.source}: row {emb.ids[empty]} has a label but an empty {groups_spec}")
+    canonical = _canonical_classes([per_row[r] for r in rows], source)
+    labels = [tuple(sorted({canonical[n] for n in per_row[r]})) for r in rows]
+    return Labels(keys=[emb.ids[r] for r in rows], labels=labels,
+                  groups=[groups[r] for r in rows] if groups is not None else None,
+                  classes=sorted({c for names in labels for c in names}),
+                  multilabel=any(len(names) > 1 for names in labels), source=source, by_path=False)
+
+
+def _obs_values(emb: Embeddings, column: str) -> list[str]:
+    """A per-row column of the embeddings file as strings, stripped; missing values ("", NaN) are ""."""
+    if not emb.obs:
+        raise ProtlocError(f"{emb.source}: no per-row columns to take obs:{column} from (an .npy; use the .npz or "
+                           ".h5ad from `protloc embed`, or a labels CSV)")
+    if column not in emb.obs:
+        raise ProtlocError(f"{emb.source}: no obs column '{column}'; columns are: {', '.join(emb.obs) or 'none'}")
+    return ["" if v is None or (isinstance(v, float) and v != v) else str(v).strip() for v in emb.obs[column]]
 
 
 def _canonical_classes(names_per_row: list[set[str]], source: str) -> dict[str, str]:

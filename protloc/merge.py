@@ -6,7 +6,9 @@ number of inputs and a digest of the whole input list (protloc.sources.inputs_di
 takes the parts in any order, checks that they are one run (the same inputs, model, view, protloc
 version and working directory: everything the meta says but the part's own rows and skipped
 images) and that every slice 1..N is there exactly once, and joins them in slice order, which is
-the input order. Per-row meta (where each tile or cell lies) is joined in the same order.
+the input order. The per-row columns (protloc.row_meta: where each tile or cell lies, the inputs'
+own columns) are joined in the same order; a column some parts lack (an input column none of their
+images carries) is empty for their rows, as within one run.
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ from __future__ import annotations
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
 
-PER_ROW = ("tile_origins", "cell_centroids", "cell_bboxes")  # meta lists with one entry per row
-PER_PART = ("shard", "skipped", *PER_ROW)  # what may differ between the parts of one run
+PER_PART = ("shard", "skipped")  # what the meta of the parts of one run may differ in
 
 
 def run_settings(meta: dict) -> dict:
@@ -70,14 +71,18 @@ def check_parts(parts: list[Embeddings]) -> list[Embeddings]:
 
 
 def merged_meta(ordered: list[Embeddings]) -> dict:
-    """The meta of the joined file: the run's, with the parts' skipped images and per-row lists joined
-    in order, the channel plans united, and no shard."""
+    """The meta of the joined file: the run's, with the parts' skipped images joined in order, the
+    channel plans united, and no shard."""
     meta = {k: v for k, v in ordered[0].meta.items() if k != "shard"}
     meta["skipped"] = [s for part in ordered for s in part.meta.get("skipped", [])]
-    for key in PER_ROW:
-        if key in meta:
-            meta[key] = [v for part in ordered for v in part.meta[key]]
     if isinstance(meta.get("channel_strategy"), dict):
         plans = {p for part in ordered for p in part.meta["channel_strategy"].get("plans", [])}
         meta["channel_strategy"] = {**meta["channel_strategy"], "plans": sorted(plans)}
     return meta
+
+
+def merged_obs(ordered: list[Embeddings]) -> dict[str, list]:
+    """The parts' per-row columns joined in order; a column a part lacks is empty ("") for its rows."""
+    names = list(dict.fromkeys(name for part in ordered for name in (part.obs or {})))
+    return {name: [v for part in ordered for v in (part.obs or {}).get(name, [""] * len(part.ids))]
+            for name in names}

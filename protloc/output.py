@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,35 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """atomic_path for a folder output (a .zarr store): yield an empty temporary folder beside `path`;
+    on success it takes `path`'s place (an old folder there is moved aside, then removed), on error
+    it is removed."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        yield str(tmp)
+        for root, _dirs, names in os.walk(tmp):  # data on disk before the rename makes it visible
+            for name in names:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result gets a new folder's usual mode
+        if path.is_dir():  # a rename cannot replace a folder that holds files: move it aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():  # put the old folder back
+            os.replace(old / path.name, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

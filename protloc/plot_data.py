@@ -21,7 +21,7 @@ from protloc.data import ViewOptions, view_of
 from protloc.embeddings import Embeddings
 from protloc.errors import ProtlocError
 from protloc.ids import OME_EXTENSIONS, TIFF_EXTENSIONS, split_fragment
-from protloc.labels import match_rows, read_labels
+from protloc.labels import labels_of_rows, match_rows
 from protloc.sources import Source
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,11 @@ def read_confusion(path) -> Confusion:
 
 
 def row_labels(emb: Embeddings, labels_csv, id_column=None, label_column="label") -> list[str | None]:
-    """Each embedding row's label(s) (`a;b` for several), None for rows the CSV does not label."""
+    """Each embedding row's label(s) (`a;b` for several), None for rows the CSV (or the file's own
+    column, `obs:COLUMN`: protloc.labels.labels_of_rows) does not label."""
     if emb.ids is None:
         raise ProtlocError(f"{emb.source}: no row ids to match labels to: pass --ids FILE or use an .npz")
-    labels = read_labels(labels_csv, id_column=id_column, label_column=label_column, group_column=None)
+    labels = labels_of_rows(emb, labels_csv, id_column=id_column, label_column=label_column, group_column=None)
     matched = match_rows(emb.ids, labels, base_dir=emb.meta.get("cwd"),
                          channel_suffixes=emb.meta.get("channel_suffixes"), require_all=False)
     if not len(matched.rows):

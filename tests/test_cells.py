@@ -218,10 +218,14 @@ def test_embed_cells_of_synth_masks_rows_and_meta(fields, tmp_path):
     assert f"embedded 12 image(s) as {len(expected)} cell(s)" in result.stderr
     with np.load(out) as z:
         ids, meta, x = list(z["ids"]), json.loads(str(z["meta"])), z["embeddings"]
+        obs = json.loads(str(z["obs"]))
     assert ids == [f"{im}#cell={k}" for im, k in expected] and x.shape == (len(expected), 192)
     measured = [measure(m.astype(np.int64)) for m in masks]
-    np.testing.assert_allclose(meta["cell_centroids"], np.concatenate([cs for _, cs, _ in measured]))
-    assert meta["cell_bboxes"] == [b.tolist() for _, _, bs in measured for b in bs]
+    np.testing.assert_allclose(np.stack([obs["centroid_y"], obs["centroid_x"]], 1),
+                               np.concatenate([cs for _, cs, _ in measured]))
+    assert [list(b) for b in zip(*(obs[f"bbox_{c}"] for c in ("y0", "x0", "y1", "x1")))] == \
+        [b.tolist() for _, _, bs in measured for b in bs]
+    assert obs["view_index"] == [int(k) for _, k in expected] and set(obs["view"]) == {"cell"}
     assert (meta["cells"], meta["cell_size"], meta["border"], meta["mask_outside"]) == \
         (str(fields / "masks"), 24, "pad", False)
 

@@ -24,7 +24,7 @@ def rows():
 
 def test_npy_to_a_stream_and_to_a_file(tmp_path, rows):
     stream = io.BytesIO()
-    filled_writer(rows).write_npy(stream)
+    write_embeddings("-", filled_writer(rows), [], {}, stdout=stream)
     np.testing.assert_array_equal(np.load(io.BytesIO(stream.getvalue())), rows)
     write_embeddings(str(tmp_path / "e.npy"), filled_writer(rows), [], {})
     write_ids(tmp_path / "ids.tsv", [f"img{i}.tif" for i in range(10)])

@@ -1,13 +1,12 @@
 """`protloc embed --shard I/N` parts and `protloc merge`: the joined parts equal one whole run; parts of
 another run, missing and repeated parts are refused in one line."""
 
-import json
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from protloc.cli import main
+from protloc.embeddings import read_embeddings
 from protloc.shard import part_slice
 from protloc.synth import write_dataset
 
@@ -34,8 +33,8 @@ def _merge(*args):
 
 
 def _load(path):
-    with np.load(path) as f:
-        return f["embeddings"], list(f["ids"]), json.loads(str(f["meta"]))
+    emb = read_embeddings(str(path))
+    return emb.x, emb.ids, {**emb.meta, "obs": emb.obs}
 
 
 @pytest.mark.parametrize("n,count", [(10, 3), (7, 7), (100, 8), (5, 2)])
@@ -52,12 +51,22 @@ def test_merged_parts_equal_the_whole_run_whatever_order_they_are_given_in(runs)
     x, ids, meta = _load(runs / "merged.npz")
     wx, wids, wmeta = _load(runs / "whole.npz")
     assert ids == wids and np.array_equal(x, wx)
-    assert meta["tile_origins"] == wmeta["tile_origins"]
+    assert meta["obs"] == wmeta["obs"] and "origin_y" in meta["obs"]
     assert "shard" not in meta
     assert (runs / "merged.txt").read_text().split() == wids
     _, part_ids, part_meta = _load(runs / "part2.npz")
     assert part_meta["shard"]["index"] == 2 and part_meta["shard"]["count"] == 3 and part_meta["shard"]["inputs"] == 10
     assert 0 < len(part_ids) < len(wids)
+
+
+def test_parts_merge_into_anndata_with_their_columns(runs, tmp_path):
+    pytest.importorskip("anndata")
+    result = _merge(runs / "part2.npz", runs / "part1.npz", runs / "part3.npz", "-o", tmp_path / "merged.h5ad")
+    assert result.exit_code == 0, result.output
+    x, ids, meta = _load(tmp_path / "merged.h5ad")
+    wx, wids, wmeta = _load(runs / "whole.npz")
+    assert ids == wids and np.array_equal(x, wx)
+    assert meta["obs"]["origin_x"] == wmeta["obs"]["origin_x"]
 
 
 def test_missing_repeated_and_foreign_parts_are_refused_in_one_line(runs, tmp_path):

@@ -91,17 +91,19 @@ def test_embed_tile_rows_meta_and_aggregate_mean(fields, tmp_path):
     assert result.exit_code == 0, result.output
     assert "embedded 4 image(s) as 36 tile(s)" in result.stderr
     with np.load(tiles) as z:
-        x, ids, meta = z["embeddings"], list(z["ids"]), json.loads(str(z["meta"]))
+        x, ids, meta, obs = z["embeddings"], list(z["ids"]), json.loads(str(z["meta"])), json.loads(str(z["obs"]))
     images = sorted(str(p) for p in fields.glob("*.tif"))
     assert x.shape == (36, 192)
     assert ids == [f"{im}#tile={k}" for im in images for k in range(9)]
     assert meta["tile"] == 32 and meta["stride"] == 24 and meta["aggregate"] is None
-    assert meta["tile_origins"] == [[y, x] for _ in images for y in (0, 24, 32) for x in (0, 24, 32)]
+    assert [[y, x] for y, x in zip(obs["origin_y"], obs["origin_x"])] == \
+        [[y, x] for _ in images for y in (0, 24, 32) for x in (0, 24, 32)]
+    assert obs["view"] == ["tile"] * 36 and obs["view_index"] == list(range(9)) * 4
 
     result = run(["embed", fields, *RANDOM, "--tile", "32", "--stride", "24", "--aggregate", "mean", "-o", mean])
     assert result.exit_code == 0, result.output
     with np.load(mean) as z:
-        assert list(z["ids"]) == images and "tile_origins" not in json.loads(str(z["meta"]))
+        assert list(z["ids"]) == images and "origin_y" not in json.loads(str(z["obs"]))
         np.testing.assert_allclose(z["embeddings"], x.reshape(4, 9, 192).mean(1), atol=1e-5)
 
 
@@ -120,9 +122,10 @@ def test_opencell_fields_as_tiles(shared_data, tmp_path):
             "--workers", "0"]
     assert run([*args, "--tile", "256", "-o", tmp_path / "a.npz"]).exit_code == 0
     with np.load(tmp_path / "a.npz") as z:
-        meta = json.loads(str(z["meta"]))
+        meta, obs = json.loads(str(z["meta"])), json.loads(str(z["obs"]))
         assert z["embeddings"].shape == (16, 192) and z["ids"][5] == f"{image}#tile=5"
-    assert meta["tile_origins"][5] == [256, 256] and meta["config"]["channels"] == ["ch0"]
+    assert (obs["origin_y"][5], obs["origin_x"][5]) == (256, 256) and meta["config"]["channels"] == ["ch0"]
     assert run([*args, "--tile", "384", "--size", "128", "-o", tmp_path / "b.npz"]).exit_code == 0
     with np.load(tmp_path / "b.npz") as z:
-        assert json.loads(str(z["meta"]))["tile_origins"] == [[y, x] for y in (0, 384, 640) for x in (0, 384, 640)]
+        obs = json.loads(str(z["obs"]))
+        assert list(zip(obs["origin_y"], obs["origin_x"])) == [(y, x) for y in (0, 384, 640) for x in (0, 384, 640)]

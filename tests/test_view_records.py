@@ -141,15 +141,15 @@ def random_classifier(views: dict) -> Classifier:
 
 def test_predict_views_as_the_model_recorded_but_never_its_masks(caplog):
     cells = ViewOptions(cells="train/masks", cell_size=32, aggregate="mean", normalize="image").to_record()
-    model, view = prediction_view(random_classifier(cells), {})
+    model, view, _ = prediction_view(random_classifier(cells), {})
     assert model.dim == 192 and view == ViewOptions(cell_size=32, normalize="image")  # whole images, no aggregate
     assert "model.pt was trained on single cells (--cells train/masks)" in caplog.text
-    _, view = prediction_view(random_classifier(cells), {"cells": "new/masks"})
+    _, view, _ = prediction_view(random_classifier(cells), {"cells": "new/masks"})
     assert (view.cells, view.cell_size, view.aggregate) == ("new/masks", 32, "mean")
     tiles = ViewOptions(tile=16, aggregate="mean").to_record()
-    _, view = prediction_view(random_classifier(tiles), {"cells": "new/masks"})  # cells replace the MODEL's tiles
+    _, view, _ = prediction_view(random_classifier(tiles), {"cells": "new/masks"})  # cells replace the MODEL's tiles
     assert (view.tile, view.stride, view.cells) == (None, None, "new/masks")
-    _, view = prediction_view(random_classifier(view_record({})), {"size": 24})  # nothing recorded: the backbone's
+    _, view, _ = prediction_view(random_classifier(view_record({})), {"size": 24})  # nothing recorded: the backbone's
     assert (view.size, view.normalize, view.pool) == (24, "percentile", "cls")
 
 
