@@ -1,0 +1,177 @@
+"""The k nearest training rows of each query by cosine similarity: exact, or approximate (faiss).
+
+Both backends answer the same question and return the same thing: per query, the k most similar
+usable training rows, most similar first, as (similarity, row) pairs. protloc.knn votes on these
+alone, so both backends are scored by one vote.
+
+exact (the default): a blocked search. One matrix product gives the similarities of Q_BLOCK
+queries to T_BLOCK training rows (a 1,024 x 8,192 float32 block, 32 MB); each block's top k are
+merged into a running top k per query. Memory is O(Q_BLOCK x T_BLOCK + queries x k) whatever the
+number of training rows; each training block is normalized once, as it is reached. The result
+does not depend on the block sizes: equal similarities are ordered by training row (the lower row
+first, so it is the one kept at the k-th place). Before blocking, ties went whichever way
+torch.topk left them, which changed with the number of training rows.
+
+faiss (`pip install protloc[faiss]`): an inverted-file index (IndexIVFFlat, inner product of
+L2-normalized rows = cosine) with NLIST_PER_SQRT x sqrt(training rows) lists, its k-means trained
+on a fixed sample (seeded) and searched in `nprobe` lists per query (Johnson, Douze & Jegou 2019,
+"Billion-scale similarity search with GPUs"; the faiss wiki's guideline for nlist). Approximate:
+a neighbour in a list that was not probed is missed. It cannot leave out a query's own rows (the
+exclusion of leave-one-out), so `exclude` with faiss is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protloc.errors import ProtlocError
+
+INDEXES = ("exact", "faiss")
+Q_BLOCK, T_BLOCK = 1024, 8192  # queries x training rows per similarity block (measured, benchmarks/bench_scale.py)
+NPROBE = 32                    # faiss lists searched per query
+NLIST_PER_SQRT = 4             # faiss lists = 4 sqrt(training rows), the faiss wiki's lower end
+KMEANS_SAMPLE = 64             # training rows per list that faiss's k-means sees (it warns below 39)
+
+
+@dataclass(frozen=True)
+class Search:
+    """How the k nearest rows are found: `index` one of INDEXES; `nprobe` and `seed` for faiss."""
+    index: str = "exact"
+    nprobe: int = NPROBE
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.index not in INDEXES:
+            raise ProtlocError(f"unknown k-NN index {self.index!r}: expected one of {', '.join(INDEXES)}")
+        if self.nprobe < 1:
+            raise ProtlocError(f"nprobe must be at least 1, got {self.nprobe}")
+        if self.index == "faiss":
+            faiss_module()  # a missing extra is said before any embeddings are read
+
+    def record(self) -> dict:
+        """What a result file says about the search."""
+        if self.index == "exact":
+            return {"index": "exact"}
+        return {"index": "faiss IndexIVFFlat, inner product of L2-normalized rows",
+                "nlist": f"round({NLIST_PER_SQRT} sqrt(training rows)), at most training rows / {KMEANS_SAMPLE}",
+                "nprobe": self.nprobe, "seed": self.seed, "faiss": faiss_module().__version__}
+
+
+def nearest(train_x, query_x, k: int, exclude=None, search: Search = Search(), device="cpu",
+            q_block: int = Q_BLOCK, t_block: int = T_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most cosine-similar training rows of each query.
+
+    train_x: (n_train, D), query_x: (n_query, D), any real dtype (computed in float32; rows are
+    L2-normalized here, a zero row has similarity 0 to everything). k <= n_train.
+    exclude: training rows a query may not use, a boolean (n_query, n_train) array or a callable
+    `exclude(queries, train)` of two slices returning the (queries, train) block of that mask.
+    Returns (similarity, row), both (n_query, k) on `device`: float32 cosines, most similar first,
+    and int64 training rows. Where a query has fewer than k usable rows, the places after them
+    hold similarity -inf (their rows are meaningless). Raises ProtlocError when faiss is asked for
+    but not installed, or asked to exclude rows.
+    """
+    if search.index == "faiss":
+        if exclude is not None:
+            raise ProtlocError("the faiss index cannot leave a query's own rows out (leave-one-out): "
+                               "use the exact index")
+        return _faiss(train_x, query_x, k, search, device)
+    return _exact(train_x, query_x, k, exclude, device, q_block, t_block)
+
+
+def _unit(x, device) -> torch.Tensor:
+    """Rows of x as float32 unit vectors on device (a new tensor; x is not changed)."""
+    return F.normalize(torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device), dim=1)
+
+
+def _exact(train_x, query_x, k, exclude, device, q_block, t_block):
+    n_train, n_query = len(train_x), len(query_x)
+    query = _unit(query_x, device)                                           # (n_query, D), once
+    best_sim = torch.empty((n_query, 0), dtype=torch.float32, device=device)  # running top k, grows to k
+    best_row = torch.empty((n_query, 0), dtype=torch.int64, device=device)
+    for t0 in range(0, n_train, t_block):   # each training block is normalized once
+        t1 = min(t0 + t_block, n_train)
+        train = _unit(train_x[t0:t1], device)                                # (t, D)
+        sims, rows = [], []
+        for q0 in range(0, n_query, q_block):
+            q1 = min(q0 + q_block, n_query)
+            sim = query[q0:q1] @ train.T                                     # (q, t)
+            if exclude is not None:
+                mask = exclude(slice(q0, q1), slice(t0, t1)) if callable(exclude) else exclude[q0:q1, t0:t1]
+                mask = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
+                sim.masked_fill_(mask.to(device=device, dtype=torch.bool), float("-inf"))
+            s, r = _top(sim, k)
+            s, r = _merge(best_sim[q0:q1], best_row[q0:q1], s, r + t0, k)
+            sims.append(s)
+            rows.append(r)
+        best_sim, best_row = torch.cat(sims), torch.cat(rows)
+    return best_sim, best_row
+
+
+def _top(sim, k):
+    """Each row's k largest entries by (value descending, column ascending): (values, columns).
+
+    torch.topk keeps an arbitrary one of entries tied at the k-th place; it is asked for k + 1, and
+    where the k-th and (k+1)-th values are equal (ties at the boundary, rare but real: duplicate
+    images) that row is sorted whole, stably, instead."""
+    n = sim.shape[1]
+    if n <= k:
+        values, columns = sim, torch.arange(n, device=sim.device).expand_as(sim)
+    else:
+        values, columns = sim.topk(k + 1, dim=1)                             # sorted, largest first
+        tied = (values[:, k - 1] == values[:, k]) & (values[:, k - 1] > float("-inf"))
+        values, columns = values[:, :k].clone(), columns[:, :k].clone()
+        if tied.any():
+            rows = tied.nonzero().flatten()
+            v, c = sim[rows].sort(dim=1, descending=True, stable=True)
+            values[rows], columns[rows] = v[:, :k], c[:, :k]
+    columns, order = columns.sort(dim=1)   # by column, then stably by value: (value desc, column asc)
+    values = values.gather(1, order)
+    values, order = values.sort(dim=1, descending=True, stable=True)
+    return values, columns.gather(1, order)
+
+
+def _merge(best_sim, best_row, sim, row, k):
+    """The k best of a running top k and a later block's, both ordered by (value desc, row asc).
+    The running rows all come before the block's, so a stable sort keeps the lower row first."""
+    sim, order = torch.cat([best_sim, sim], 1).sort(dim=1, descending=True, stable=True)
+    return sim[:, :k], torch.cat([best_row, row], 1).gather(1, order[:, :k])
+
+
+def faiss_module():
+    """The faiss module; ProtlocError naming the extra when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        raise ProtlocError("--index faiss needs faiss: pip install 'protloc[faiss]' (or faiss-cpu)") from None
+    return faiss
+
+
+def nlist(n_train: int) -> int:
+    """faiss lists for n_train rows: NLIST_PER_SQRT sqrt(n), at most n / KMEANS_SAMPLE (at least 1)."""
+    return max(1, min(round(NLIST_PER_SQRT * math.sqrt(n_train)), n_train // KMEANS_SAMPLE))
+
+
+def _faiss(train_x, query_x, k, search, device):
+    faiss = faiss_module()
+    n_train, dim = len(train_x), np.asarray(train_x[:1]).shape[1]
+    lists = nlist(n_train)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = search.seed
+    rng = np.random.default_rng(search.seed)
+    sample = np.sort(rng.choice(n_train, min(n_train, KMEANS_SAMPLE * lists), replace=False))
+    index.train(_unit(np.asarray(train_x)[sample], "cpu").numpy())
+    for t0 in range(0, n_train, T_BLOCK):   # the index holds its own copy: add block by block
+        index.add(_unit(train_x[t0:t0 + T_BLOCK], "cpu").numpy())
+    index.nprobe = min(search.nprobe, lists)
+    sims, rows = [], []
+    for q0 in range(0, len(query_x), T_BLOCK):
+        s, r = index.search(_unit(query_x[q0:q0 + T_BLOCK], "cpu").numpy(), k)  # (q, k) each
+        s[r < 0] = -np.inf   # fewer than k rows in the probed lists
+        sims.append(torch.from_numpy(s))
+        rows.append(torch.from_numpy(r).clamp_min(0))
+    return torch.cat(sims).to(device), torch.cat(rows).to(device)
