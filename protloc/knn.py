@@ -98,7 +98,8 @@ def _clip(ks, available: int) -> list[int]:
 
 
 def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, loo: bool = False,
-                   temperature: float = 0.07, seed: int = 0, device="cpu", search: Search = Search()) -> list[KnnResult]:
+                   temperature: float = 0.07, seed: int = 0, device="cpu",
+                   search: Search = Search()) -> list[KnnResult]:
     """Cross-validated weighted k-NN macro F1 and accuracy, one KnnResult per k.
 
     x: the full (N, D) embedding array as written by `protloc embed`; the labelled rows are
