@@ -90,56 +90,56 @@ def _unit(x, device) -> torch.Tensor:
 
 def _exact(train_x, query_x, k, exclude, device, q_block, t_block):
     n_train, n_query = len(train_x), len(query_x)
-    query = _unit(query_x, device)                                           # (n_query, D), once
-    best_sim = torch.empty((n_query, 0), dtype=torch.float32, device=device)  # running top k, grows to k
-    best_row = torch.empty((n_query, 0), dtype=torch.int64, device=device)
-    for t0 in range(0, n_train, t_block):   # each training block is normalized once
-        t1 = min(t0 + t_block, n_train)
-        train = _unit(train_x[t0:t1], device)                                # (t, D)
-        sims, rows = [], []
-        for q0 in range(0, n_query, q_block):
-            q1 = min(q0 + q_block, n_query)
-            sim = query[q0:q1] @ train.T                                     # (q, t)
+    best_sim = torch.empty((n_query, k), dtype=torch.float32, device=device)
+    best_row = torch.empty((n_query, k), dtype=torch.int64, device=device)
+    # one buffer for every similarity block: a fresh 32-128 MB tensor per block costs the kernel's
+    # page faults each time (measured: the product took 40% longer)
+    buffer = torch.empty(min(q_block, n_query) * min(t_block, n_train), dtype=torch.float32, device=device)
+    for q0 in range(0, n_query, q_block):
+        q1 = min(q0 + q_block, n_query)
+        query = _unit(query_x[q0:q1], device)                                # (q, D)
+        sims, rows = [], []  # each training block's best k, by row: (q, k) per block
+        for t0 in range(0, n_train, t_block):
+            t1 = min(t0 + t_block, n_train)
+            sim = buffer[:(q1 - q0) * (t1 - t0)].view(q1 - q0, t1 - t0)
+            torch.mm(query, _unit(train_x[t0:t1], device).T, out=sim)          # (q, t)
             if exclude is not None:
                 mask = exclude(slice(q0, q1), slice(t0, t1)) if callable(exclude) else exclude[q0:q1, t0:t1]
                 mask = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
                 sim.masked_fill_(mask.to(device=device, dtype=torch.bool), float("-inf"))
-            s, r = _top(sim, k)
-            s, r = _merge(best_sim[q0:q1], best_row[q0:q1], s, r + t0, k)
+            s, r = _best(sim, k)
             sims.append(s)
-            rows.append(r)
-        best_sim, best_row = torch.cat(sims), torch.cat(rows)
+            rows.append(r + t0)
+        # the candidates lie in row order (blocks in order, each block's by row), so ranking them
+        # by (similarity, place) ranks them by (similarity, row)
+        candidates, candidate_rows = torch.cat(sims, 1), torch.cat(rows, 1)  # (q, k x blocks)
+        s, place = _best(candidates, k)
+        s, order = s.sort(dim=1, descending=True, stable=True)              # most similar first, ties by row
+        best_sim[q0:q1] = s
+        best_row[q0:q1] = candidate_rows.gather(1, place.gather(1, order))
     return best_sim, best_row
 
 
-def _top(sim, k):
-    """Each row's k largest entries by (value descending, column ascending): (values, columns).
+def _best(sim, k):
+    """Each row's k best entries of sim (q, t) by (value descending, column ascending), in column order:
+    (values, columns), both (rows, min(k, columns)).
 
     torch.topk keeps an arbitrary one of entries tied at the k-th place; it is asked for k + 1, and
     where the k-th and (k+1)-th values are equal (ties at the boundary, rare but real: duplicate
     images) that row is sorted whole, stably, instead."""
     n = sim.shape[1]
     if n <= k:
-        values, columns = sim, torch.arange(n, device=sim.device).expand_as(sim)
-    else:
-        values, columns = sim.topk(k + 1, dim=1)                             # sorted, largest first
-        tied = (values[:, k - 1] == values[:, k]) & (values[:, k - 1] > float("-inf"))
-        values, columns = values[:, :k].clone(), columns[:, :k].clone()
-        if tied.any():
-            rows = tied.nonzero().flatten()
-            v, c = sim[rows].sort(dim=1, descending=True, stable=True)
-            values[rows], columns[rows] = v[:, :k], c[:, :k]
-    columns, order = columns.sort(dim=1)   # by column, then stably by value: (value desc, column asc)
-    values = values.gather(1, order)
-    values, order = values.sort(dim=1, descending=True, stable=True)
-    return values, columns.gather(1, order)
-
-
-def _merge(best_sim, best_row, sim, row, k):
-    """The k best of a running top k and a later block's, both ordered by (value desc, row asc).
-    The running rows all come before the block's, so a stable sort keeps the lower row first."""
-    sim, order = torch.cat([best_sim, sim], 1).sort(dim=1, descending=True, stable=True)
-    return sim[:, :k], torch.cat([best_row, row], 1).gather(1, order[:, :k])
+        return sim.clone(), torch.arange(n, device=sim.device).expand_as(sim)  # sim is the reused buffer
+    values, columns = sim.topk(k + 1, dim=1)                                 # sorted, largest first
+    tied = (values[:, k - 1] == values[:, k]) & (values[:, k - 1] > float("-inf"))
+    values, columns = values[:, :k], columns[:, :k]
+    if tied.any():
+        values, columns = values.clone(), columns.clone()
+        rows = tied.nonzero().flatten()
+        v, c = sim[rows].sort(dim=1, descending=True, stable=True)
+        values[rows], columns[rows] = v[:, :k], c[:, :k]
+    columns, order = columns.sort(dim=1)
+    return values.gather(1, order), columns
 
 
 def faiss_module():
