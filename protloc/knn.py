@@ -44,30 +44,43 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float = 0.07, exclude
     so the memory stays O(q_block x t_block), never n x n. Excluded items get weight 0; k larger
     than the usable training items is clipped to them.
     """
+    ks = _checked(ks, temperature)  # before the search, which is the long part
+    n_train = len(train_x)
+    if n_train == 0:
+        raise ProtlocError("k-NN needs at least one training item")
+    top_sim, top_row = nearest(train_x, query_x, min(ks[-1], n_train), exclude, search, device, q_block, t_block)
+    return vote(top_sim, top_row, train_y, ks, temperature, q_block)
+
+
+def _checked(ks, temperature) -> list[int]:
+    """ks sorted and unique; ProtlocError for a k < 1 or a temperature that is not a finite T > 0."""
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ProtlocError(f"k must be at least 1, got {ks}")
     if not 0 < temperature < math.inf:
         raise ProtlocError(f"k-NN temperature must be a positive number, got {temperature}")
+    return ks
+
+
+def vote(top_sim, top_row, train_y, ks, temperature: float = 0.07, chunk: int = Q_BLOCK) -> dict[int, np.ndarray]:
+    """The weighted vote of knn_scores on given neighbours: top_sim, top_row (n_query, kmax) as
+    protloc.neighbours.nearest returns them (most similar first; -inf where a query has no more
+    usable rows). Returns {k: (n_query, n_classes) float32 vote shares}; k > kmax uses all kmax."""
+    ks = _checked(ks, temperature)
     y = np.asarray(train_y)
     if y.ndim == 1:
         y = np.eye(int(y.max()) + 1, dtype=np.float32)[y]
-    y = torch.as_tensor(y, dtype=torch.float32, device=device)
-    n_train, n_query = len(train_x), len(query_x)
-    if n_train == 0:
-        raise ProtlocError("k-NN needs at least one training item")
-    kmax = min(ks[-1], n_train)
-    top_sims, top_rows = nearest(train_x, query_x, kmax, exclude, search, device, q_block, t_block)  # (n_query, kmax)
-
+    y = torch.as_tensor(y, dtype=torch.float32, device=top_sim.device)
+    n_query, kmax = top_sim.shape
     out = {k: np.empty((n_query, y.shape[1]), dtype=np.float32) for k in ks}
-    for start in range(0, n_query, q_block):  # the vote, q_block queries at a time
-        stop = min(start + q_block, n_query)
-        top_sim, top_idx = top_sims[start:stop], top_rows[start:stop]  # sorted, most similar first
+    for start in range(0, n_query, chunk):
+        stop = min(start + chunk, n_query)
+        sim, row = top_sim[start:stop], top_row[start:stop]
         # shift by the query's top similarity (cosines are >= -1; a query with nothing usable has
         # -inf there, clamped so that it gets no vote rather than NaN)
-        shift = top_sim[:, :1].clamp_min(-1.0)
-        weight = ((top_sim - shift) / temperature).exp()  # <= 1; exp(-inf) = 0: excluded items do not vote
-        votes = (y[top_idx] * weight[..., None]).cumsum(1)  # (chunk, kmax, classes): all k at once
+        shift = sim[:, :1].clamp_min(-1.0)
+        weight = ((sim - shift) / temperature).exp()  # <= 1; exp(-inf) = 0: excluded items do not vote
+        votes = (y[row] * weight[..., None]).cumsum(1)  # (chunk, kmax, classes): all k at once
         total = weight.cumsum(1)
         for k in ks:
             j = min(k, kmax) - 1
