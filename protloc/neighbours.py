@@ -13,10 +13,13 @@ first, so it is the one kept at the k-th place). Before blocking, ties went whic
 torch.topk left them, which changed with the number of training rows.
 
 faiss (`pip install protloc[faiss]`): an inverted-file index (IndexIVFFlat, inner product of
-L2-normalized rows = cosine) with NLIST_PER_SQRT x sqrt(training rows) lists, its k-means trained
-on a fixed sample (seeded) and searched in `nprobe` lists per query (Johnson, Douze & Jegou 2019,
-"Billion-scale similarity search with GPUs"; the faiss wiki's guideline for nlist). Approximate:
-a neighbour in a list that was not probed is missed. It cannot leave out a query's own rows (the
+L2-normalized rows = cosine) with sqrt(training rows) lists, its k-means trained on a fixed
+sample (seeded) and searched in `nprobe` lists per query (Johnson, Douze & Jegou 2019,
+"Billion-scale similarity search with GPUs"). Approximate: a neighbour in a list that was not
+probed is missed. Fewer, larger lists than the faiss wiki's 4-16 sqrt(n) because here the queries
+are a fifth of the rows, not a stream: building (k-means, assigning every row) costs as much as
+searching, and at the same share of rows scanned sqrt(n) lists found more of the neighbours
+(README, "k-NN at scale"). It cannot leave out a query's own rows (the
 exclusion of leave-one-out), so `exclude` with faiss is refused.
 """
 
@@ -32,9 +35,9 @@ import torch.nn.functional as F
 from protloc.errors import ProtlocError
 
 INDEXES = ("exact", "faiss")
-Q_BLOCK, T_BLOCK = 1024, 8192  # queries x training rows per similarity block (measured, benchmarks/bench_scale.py)
-NPROBE = 32                    # faiss lists searched per query
-NLIST_PER_SQRT = 4             # faiss lists = 4 sqrt(training rows), the faiss wiki's lower end
+Q_BLOCK, T_BLOCK = 4096, 8192  # queries x training rows per similarity block (128 MB): measured, README "k-NN at scale"
+NPROBE = 16                    # faiss lists searched per query
+NLIST_PER_SQRT = 1             # faiss lists = sqrt(training rows): measured, README "k-NN at scale"
 KMEANS_SAMPLE = 64             # training rows per list that faiss's k-means sees (it warns below 39)
 
 
@@ -157,6 +160,13 @@ def nlist(n_train: int) -> int:
 
 
 def _faiss(train_x, query_x, k, search, device):
+    return faiss_search(faiss_index(train_x, search), query_x, k, search.nprobe, device)
+
+
+def faiss_index(train_x, search: Search):
+    """A faiss IndexIVFFlat of the L2-normalized training rows (n_train, D): nlist(n_train) lists,
+    k-means on a sample of KMEANS_SAMPLE rows per list drawn with search.seed (faiss's own seed
+    too), rows added block by block (the index holds its own float32 copy: 4 D bytes a row)."""
     faiss = faiss_module()
     n_train, dim = len(train_x), np.asarray(train_x[:1]).shape[1]
     lists = nlist(n_train)
@@ -165,9 +175,15 @@ def _faiss(train_x, query_x, k, search, device):
     rng = np.random.default_rng(search.seed)
     sample = np.sort(rng.choice(n_train, min(n_train, KMEANS_SAMPLE * lists), replace=False))
     index.train(_unit(np.asarray(train_x)[sample], "cpu").numpy())
-    for t0 in range(0, n_train, T_BLOCK):   # the index holds its own copy: add block by block
+    for t0 in range(0, n_train, T_BLOCK):
         index.add(_unit(train_x[t0:t0 + T_BLOCK], "cpu").numpy())
-    index.nprobe = min(search.nprobe, lists)
+    return index
+
+
+def faiss_search(index, query_x, k: int, nprobe: int = NPROBE, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest rows in a faiss_index of each query (n_query, D), searching `nprobe` of its
+    lists: (similarity, row) as `nearest` returns them."""
+    index.nprobe = min(nprobe, index.nlist)
     sims, rows = [], []
     for q0 in range(0, len(query_x), T_BLOCK):
         s, r = index.search(_unit(query_x[q0:q0 + T_BLOCK], "cpu").numpy(), k)  # (q, k) each
