@@ -104,7 +104,7 @@ def knn_job(emb, labels, index, sample, nprobes, out):
         t = time.perf_counter()
         train_x, query_x = x[train], x[queries]  # the copies cross_validate makes
         step = {"test": len(test), "queries": len(queries), "train": len(train), "copy_s": time.perf_counter() - t}
-        found = {}
+        found, built = {}, None
         if index == "exact":
             t = time.perf_counter()
             found["exact"] = nearest(train_x, query_x, max(KS))
@@ -126,6 +126,7 @@ def knn_job(emb, labels, index, sample, nprobes, out):
             preds.setdefault(name, []).append(np.stack([scores[k].argmax(1) for k in KS], 1))
         queried.append(queries)
         record["folds"].append(step)
+        del train_x, query_x, found, built  # as in cross_validate, nothing of a fold outlives it
     np.savez(out, queries=np.concatenate(queried), **{f"rows_{name}": np.concatenate(v) for name, v in rows.items()},
              **{f"pred_{name}": np.concatenate(v) for name, v in preds.items()})
     with open(out + ".json", "w") as f:

@@ -170,7 +170,7 @@ def _faiss(train_x, query_x, k, search, device):
 def faiss_index(train_x, search: Search):
     """A faiss IndexIVFFlat of the L2-normalized training rows (n_train, D): nlist(n_train) lists,
     k-means on a sample of KMEANS_SAMPLE rows per list drawn with search.seed (faiss's own seed
-    too), rows added block by block (the index holds its own float32 copy: 4 D bytes a row)."""
+    too), then the rows (the index holds its own float32 copy of them: 4 D bytes a row)."""
     faiss = faiss_module()
     n_train, dim = len(train_x), np.asarray(train_x[:1]).shape[1]
     lists = nlist(n_train)
@@ -179,8 +179,11 @@ def faiss_index(train_x, search: Search):
     rng = np.random.default_rng(search.seed)
     sample = np.sort(rng.choice(n_train, min(n_train, KMEANS_SAMPLE * lists), replace=False))
     index.train(_unit(np.asarray(train_x)[sample], "cpu").numpy())
-    for t0 in range(0, n_train, T_BLOCK):
-        index.add(_unit(train_x[t0:t0 + T_BLOCK], "cpu").numpy())
+    # in 4 parts: a list is a std::vector, which grows by doubling; added in many small parts a list
+    # can end with up to twice the memory it holds, in 4 about equal parts (n, 2n, 4n) near it
+    part = -(-n_train // 4)
+    for t0 in range(0, n_train, part):
+        index.add(_unit(train_x[t0:t0 + part], "cpu").numpy())
     return index
 
 
