@@ -79,9 +79,13 @@ def nearest(train_x, query_x, k: int, exclude=None, search: Search = Search(), d
     `exclude(queries, train)` of two slices returning the (queries, train) block of that mask.
     Returns (similarity, row), both (n_query, k) on `device`: float32 cosines, most similar first,
     and int64 training rows. Where a query has fewer than k usable rows, the places after them
-    hold similarity -inf (their rows are meaningless). Raises ProtlocError when faiss is asked for
-    but not installed, or asked to exclude rows.
+    hold similarity -inf (their rows are meaningless). Raises ProtlocError for k outside
+    1..n_train, and when faiss is asked for but not installed, or asked to exclude rows.
     """
+    if not 1 <= k <= len(train_x):
+        raise ProtlocError(f"k = {k} neighbours asked of {len(train_x)} training rows")
+    if len(query_x) == 0:
+        return torch.empty((0, k), device=device), torch.empty((0, k), dtype=torch.int64, device=device)
     if search.index == "faiss":
         if exclude is not None:
             raise ProtlocError("the faiss index cannot leave a query's own rows out (leave-one-out): "

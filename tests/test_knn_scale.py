@@ -156,10 +156,15 @@ def test_faiss_agrees_with_exact():
         assert abs(e.f1_macro_pooled - a.f1_macro_pooled) <= 0.01
 
 
-def test_faiss_refuses_to_exclude():
+def test_faiss_refuses_to_exclude_and_both_refuse_a_k_beyond_the_rows():
     x, _ = clustered(n=200)
     with pytest.raises(ProtlocError, match="exact index"):
         nearest(x, x, 5, np.eye(200, dtype=bool), search=Search("faiss"))
+    for search in (Search(), Search("faiss")):
+        with pytest.raises(ProtlocError, match="201 neighbours asked of 200 training rows"):
+            nearest(x, x, 201, search=search)
+        sim, row = nearest(x, x[:0], 3, search=search)
+        assert sim.shape == row.shape == (0, 3)
 
 
 def write_case(tmp_path, n=600):
