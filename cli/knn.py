@@ -10,6 +10,7 @@ from protloc.cli.options import common
 from protloc.embeddings import read_embeddings
 from protloc.knn import cross_validate, format_table, results_to_json
 from protloc.labels import labels_of_rows, match_rows
+from protloc.neighbours import INDEXES, NPROBE, Search
 from protloc.output import atomic_path, check_destination
 
 
@@ -58,9 +59,14 @@ def _finite(_ctx, param, value):
               help="Suffixes of one-file-per-channel images, to match label paths to group stems "
                    "(default: those recorded in an .npz).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --json file.")
+@click.option("--index", type=click.Choice(INDEXES), default="exact",
+              help="How neighbours are found: exact (blocked, the default) or faiss (approximate, for millions "
+                   "of rows; pip install 'protloc[faiss]'; not with --loo).")
+@click.option("--nprobe", type=click.IntRange(min=1), default=NPROBE,
+              help="faiss lists searched per query: more is closer to exact and slower.")
 @common
 def knn_command(embs, labels_path, groups_spec, ids_path, ks, temperature, folds, loo, no_groups, seed, json_path,
-                id_column, label_column, group_column, channel_suffixes, force, quiet):
+                id_column, label_column, group_column, channel_suffixes, force, index, nprobe, quiet):
     """Evaluate embeddings by weighted k-NN, per k: macro F1 of the pooled out-of-fold predictions,
     and macro F1 and accuracy per fold (mean ± std); leave-one-out: pooled macro F1 and accuracy.
 
@@ -77,6 +83,7 @@ def knn_command(embs, labels_path, groups_spec, ids_path, ks, temperature, folds
         check_destination(json_path, force)
     if groups_spec and no_groups:
         raise click.UsageError("--groups and --no-groups contradict each other")
+    search = Search(index, nprobe, seed)
     runs, records = [], []
     for emb in embs:
         emb_file = read_embeddings(emb, ids_path, stdin=sys.stdin.buffer if emb == "-" else None, need_ids=True)
@@ -89,13 +96,14 @@ def knn_command(embs, labels_path, groups_spec, ids_path, ks, temperature, folds
                        f"{len(matched.classes)} classes"
                        f"{' (multi-label)' if matched.multilabel else ''}"
                        + (f"; {matched.unlabeled} unlabelled row(s) ignored" if matched.unlabeled else ""), err=True)
-        results = cross_validate(emb_file.x, matched, ks=ks, folds=folds, loo=loo, temperature=temperature, seed=seed)
+        results = cross_validate(emb_file.x, matched, ks=ks, folds=folds, loo=loo, temperature=temperature, seed=seed,
+                                 search=search)
         runs.append((emb_file.source, results))
         meta = {"embeddings": emb_file.source, "labels": labels_path, "groups": groups_spec,
                 "rows": int(len(matched.rows)),
                 "classes": matched.classes, "multilabel": matched.multilabel, "temperature": temperature,
                 "protocol": "leave-one-out" if loo else f"{folds}-fold", "seed": seed,
-                "grouped": matched.groups is not None, "no_groups": no_groups}
+                "grouped": matched.groups is not None, "no_groups": no_groups, **search.record()}
         records.append(results_to_json(results, meta))
     click.echo(format_table(runs, loo))
     if json_path:

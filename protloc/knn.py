@@ -15,17 +15,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from protloc.errors import ProtlocError
 from protloc.folds import check_folds, evaluation_groups, metrics, predict, scored_classes, splits
 from protloc.labels import Matched
+from protloc.neighbours import Q_BLOCK, T_BLOCK, Search, nearest
 
 log = logging.getLogger(__name__)
 
 
-def knn_scores(train_x, train_y, query_x, ks, temperature: float = 0.07, exclude=None,
-               chunk: int = 1024, device="cpu") -> dict[int, np.ndarray]:
+def knn_scores(train_x, train_y, query_x, ks, temperature: float = 0.07, exclude=None, device="cpu",
+               search: Search = Search(), q_block: int = Q_BLOCK, t_block: int = T_BLOCK) -> dict[int, np.ndarray]:
     """Weighted k-NN vote shares of each query, for each k in ks.
 
     train_y: (n_train, n_classes) 0/1 indicator matrix (a 1-D array of class indices is one-hot
@@ -37,42 +37,50 @@ def knn_scores(train_x, train_y, query_x, ks, temperature: float = 0.07, exclude
     but no weight exceeds 1, so any finite T > 0 is exact in float32 (exp(sim / T) overflows it
     for sim / T > 88, e.g. similarities of 0.9 at T = 0.01).
 
-    exclude: which training items a query may not use (itself, its group), either a boolean
-    (n_query, n_train) array or a callable `exclude(start, stop)` returning the
-    (stop - start, n_train) mask of one chunk of queries. Queries are processed `chunk` at a time,
-    so with a callable the memory is O(chunk x n_train), never n x n. Excluded items get weight 0;
-    k larger than the usable training items is clipped to them.
+    The neighbours come from protloc.neighbours.nearest (`search`: exact by default, blocked
+    q_block x t_block; equal similarities ordered by training row, the lower first). exclude:
+    which training items a query may not use (itself, its group), a boolean (n_query, n_train)
+    array or a callable `exclude(queries, train)` of two slices returning that block of the mask,
+    so the memory stays O(q_block x t_block), never n x n. Excluded items get weight 0; k larger
+    than the usable training items is clipped to them.
     """
+    ks = _checked(ks, temperature)  # before the search, which is the long part
+    n_train = len(train_x)
+    if n_train == 0:
+        raise ProtlocError("k-NN needs at least one training item")
+    top_sim, top_row = nearest(train_x, query_x, min(ks[-1], n_train), exclude, search, device, q_block, t_block)
+    return vote(top_sim, top_row, train_y, ks, temperature, q_block)
+
+
+def _checked(ks, temperature) -> list[int]:
+    """ks sorted and unique; ProtlocError for a k < 1 or a temperature that is not a finite T > 0."""
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ProtlocError(f"k must be at least 1, got {ks}")
     if not 0 < temperature < math.inf:
         raise ProtlocError(f"k-NN temperature must be a positive number, got {temperature}")
-    train = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float32, device=device), dim=1)
-    query = F.normalize(torch.as_tensor(np.asarray(query_x), dtype=torch.float32, device=device), dim=1)
+    return ks
+
+
+def vote(top_sim, top_row, train_y, ks, temperature: float = 0.07, chunk: int = Q_BLOCK) -> dict[int, np.ndarray]:
+    """The weighted vote of knn_scores on given neighbours: top_sim, top_row (n_query, kmax) as
+    protloc.neighbours.nearest returns them (most similar first; -inf where a query has no more
+    usable rows). Returns {k: (n_query, n_classes) float32 vote shares}; k > kmax uses all kmax."""
+    ks = _checked(ks, temperature)
     y = np.asarray(train_y)
     if y.ndim == 1:
         y = np.eye(int(y.max()) + 1, dtype=np.float32)[y]
-    y = torch.as_tensor(y, dtype=torch.float32, device=device)
-    n_train, n_query = train.shape[0], query.shape[0]
-    if n_train == 0:
-        raise ProtlocError("k-NN needs at least one training item")
-    kmax = min(ks[-1], n_train)
-
+    y = torch.as_tensor(y, dtype=torch.float32, device=top_sim.device)
+    n_query, kmax = top_sim.shape
     out = {k: np.empty((n_query, y.shape[1]), dtype=np.float32) for k in ks}
     for start in range(0, n_query, chunk):
         stop = min(start + chunk, n_query)
-        sim = query[start:stop] @ train.T
-        if exclude is not None:
-            mask = exclude(start, stop) if callable(exclude) else exclude[start:stop]
-            mask = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
-            sim.masked_fill_(mask.to(device=sim.device, dtype=torch.bool), float("-inf"))
-        top_sim, top_idx = sim.topk(kmax, dim=1)          # sorted, most similar first
+        sim, row = top_sim[start:stop], top_row[start:stop]
         # shift by the query's top similarity (cosines are >= -1; a query with nothing usable has
         # -inf there, clamped so that it gets no vote rather than NaN)
-        shift = top_sim[:, :1].clamp_min(-1.0)
-        weight = ((top_sim - shift) / temperature).exp()  # <= 1; exp(-inf) = 0: excluded items do not vote
-        votes = (y[top_idx] * weight[..., None]).cumsum(1)  # (chunk, kmax, classes): all k at once
+        shift = sim[:, :1].clamp_min(-1.0)
+        weight = ((sim - shift) / temperature).exp()  # <= 1; exp(-inf) = 0: excluded items do not vote
+        votes = (y[row] * weight[..., None]).cumsum(1)  # (chunk, kmax, classes): all k at once
         total = weight.cumsum(1)
         for k in ks:
             j = min(k, kmax) - 1
@@ -103,7 +111,8 @@ def _clip(ks, available: int) -> list[int]:
 
 
 def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, loo: bool = False,
-                   temperature: float = 0.07, seed: int = 0, device="cpu", chunk: int = 1024) -> list[KnnResult]:
+                   temperature: float = 0.07, seed: int = 0, device="cpu",
+                   search: Search = Search()) -> list[KnnResult]:
     """Cross-validated weighted k-NN macro F1 and accuracy, one KnnResult per k.
 
     x: the full (N, D) embedding array as written by `protloc embed`; the labelled rows are
@@ -112,14 +121,15 @@ def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, l
     ProtlocError when none can). With `loo`, each row is predicted from all rows outside its
     group and the scores are computed once over all predictions. Otherwise `folds`-fold CV as in
     protloc.folds.splits: the macro F1 of the pooled out-of-fold predictions, and the mean and
-    population std (ddof=0) over folds of each fold's own.
+    population std (ddof=0) over folds of each fold's own. `search`: how the neighbours are found
+    (protloc.neighbours; the faiss index refuses `loo`, ProtlocError).
     """
     x = np.asarray(x)
     if x.ndim != 2:
         raise ProtlocError(f"embeddings must be a 2-D (rows, dims) array, got shape {x.shape}")
     if len(matched.rows) and matched.rows.max() >= len(x):
         raise ProtlocError(f"labels match embedding row {matched.rows.max()} but there are only {len(x)} rows")
-    xs, y, multilabel = x[matched.rows], matched.y, matched.multilabel
+    y, multilabel = matched.y, matched.multilabel
     n = len(y)
     if n < 2:
         raise ProtlocError(f"k-NN evaluation needs at least 2 labelled rows, there are {n}")
@@ -131,10 +141,11 @@ def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, l
         own = np.unique(groups, return_inverse=True)[1].reshape(-1) if groups is not None else np.arange(n)
         ks = _clip(ks, n - int(np.bincount(own).max()))
 
-        def exclude(start, stop):
-            return own[start:stop, None] == own[None, :]
+        def exclude(queries, train):
+            return own[queries, None] == own[None, train]
 
-        scores = knn_scores(xs, y, xs, ks, temperature, exclude=exclude, chunk=chunk, device=device)
+        xs = x[matched.rows]
+        scores = knn_scores(xs, y, xs, ks, temperature, exclude=exclude, device=device, search=search)
         results = []
         for k in ks:
             f1, acc = metrics(y, predict(scores[k], multilabel), scored)
@@ -147,7 +158,9 @@ def cross_validate(x, matched: Matched, ks=(1, 5, 10, 20, 50), folds: int = 5, l
     pooled = {k: np.zeros_like(y) for k in ks}
     per_fold = {k: [] for k in ks}
     for train, test in fold_list:
-        scores = knn_scores(xs[train], y[train], xs[test], ks, temperature, chunk=chunk, device=device)
+        # one copy of each side, straight from x (at 1 M x 384 rows, x is 1.5 GB)
+        scores = knn_scores(x[matched.rows[train]], y[train], x[matched.rows[test]], ks, temperature,
+                            device=device, search=search)
         for k in ks:
             pooled[k][test] = predict(scores[k], multilabel)
             fold = metrics(y[test], pooled[k][test], scored)

@@ -130,16 +130,16 @@ def test_chunked_equals_unchunked():
     x, y = dataset(False)
     groups = np.arange(len(x)) // 4
     mask = loo_mask(groups, len(x))
-    full = knn_scores(x, y, x, [1, 7, 30], T, exclude=mask, chunk=1024)
-    by_array = knn_scores(x, y, x, [1, 7, 30], T, exclude=mask, chunk=3)
+    full = knn_scores(x, y, x, [1, 7, 30], T, exclude=mask)
+    by_array = knn_scores(x, y, x, [1, 7, 30], T, exclude=mask, q_block=3, t_block=7)
     calls = []
 
-    def by_chunk(start, stop):
-        calls.append((start, stop))
-        return mask[start:stop]
+    def by_block(queries, train):
+        calls.append((queries.start, queries.stop, train.start, train.stop))
+        return mask[queries, train]
 
-    by_callable = knn_scores(x, y, x, [1, 7, 30], T, exclude=by_chunk, chunk=3)
-    assert calls[0] == (0, 3) and calls[-1] == (57, 60) and len(calls) == 20
+    by_callable = knn_scores(x, y, x, [1, 7, 30], T, exclude=by_block, q_block=3, t_block=7)
+    assert calls[0] == (0, 3, 0, 7) and calls[-1] == (57, 60, 56, 60) and len(calls) == 20 * 9
     for k in full:
         np.testing.assert_allclose(by_array[k], full[k], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(by_callable[k], full[k], rtol=1e-6, atol=1e-7)
