@@ -33,8 +33,9 @@ from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpo
 from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, probe_channels, usable
 from protloc.device import autocast
 from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
-from protloc.dino import (CENTERINGS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
-                          ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
+from protloc.dino import (CENTERINGS, PACKS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning,
+                          cosine_schedule, ema_update, entropy, iBOTPatchLoss, packed, param_groups,
+                          teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
 from protloc.embed import POOLINGS
@@ -99,8 +100,10 @@ class PretrainConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
-    pack: bool = setting(True, "Run the transformer once per crop size (DINO's way) instead of one packed pass.",
-                         flag="--no-pack")
+    pack: str = setting("auto", "The student's transformer runs once over all crops packed together (on) or once "
+                        "per crop size, as DINO does (off); the same result either way. auto: on where the varlen "
+                        "attention kernel runs (Triton on a GPU), off elsewhere, where packing only costs.",
+                        choices=PACKS)
     seed: int = setting(0, "Seed of initialization, data order and augmentation.")
     # DINOv2 / iBOT ingredients (protloc.dinov2), all off by default: the run is then DINO's as above
     koleo: float = setting(0.0, "Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global "
@@ -129,6 +132,8 @@ class PretrainConfig:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "mask_ratio" in d:
             d["mask_ratio"] = tuple(d["mask_ratio"])
+        if isinstance(d.get("pack"), bool):  # recorded before pack was auto|on|off
+            d["pack"] = "on" if d["pack"] else "off"
         crops = d.pop("crops", {})
         crops = {k: tuple(v) if isinstance(v, list) else v for k, v in crops.items()}
         return cls(**d, crops=MultiCropConfig(**crops))
@@ -242,6 +247,8 @@ class Trainer:
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, "
                                    f"now {len(sources)} on {world.size})")
         self.cfg = cfg
+        self.pack = packed(cfg.pack, world.device)
+        log.info("packed multi-crop: %s (--pack %s on %s)", "on" if self.pack else "off", cfg.pack, world.device)
         view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
                                    series=cfg.series, normalize=cfg.normalize)
         channels = (ckpt["config"]["channels"] if ckpt is not None
@@ -365,8 +372,8 @@ class Trainer:
         student = self.ddp or self.student
         temp = sched.teacher_temp[step]
         with autocast(self.world.device):
-            teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
-            student_out = student(crops, names, cfg.pack, masks)
+            teacher_out = self.teacher(crops[:1], names, self.pack, masks, mask_input=False)
+            student_out = student(crops, names, self.pack, masks)
             loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)
             terms = {}  # DINOv2's terms added to DINO's loss, weighted
             if cfg.koleo:  # per global crop, as DINOv2: never between the two crops of one image
