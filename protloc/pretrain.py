@@ -34,7 +34,7 @@ from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, pro
 from protloc.device import autocast
 from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
 from protloc.dino import (CENTERINGS, PACKS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning,
-                          cosine_schedule, ema_update, entropy, iBOTPatchLoss, packed, param_groups,
+                          adamw, cosine_schedule, ema_update, entropy, iBOTPatchLoss, packed, param_groups,
                           teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
@@ -284,7 +284,7 @@ class Trainer:
         for m in (self.student, self.teacher, self.loss_fn, self.ibot_loss):
             if m is not None:
                 m.to(world.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.optimizer = adamw(param_groups(self.student))
         self.step = 0
         if ckpt is not None:  # on the device already: the optimizer state follows its parameters
             self.student.load_state_dict(ckpt["student"])

@@ -1,0 +1,154 @@
+"""The fast pretraining step: the same numbers as the step it replaced (float32 round-off), and
+where it packs the crops (--pack auto|on|off)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protloc import kernels
+from protloc.augment import MultiCropConfig
+from protloc.checkpoint import load_checkpoint
+from protloc.dino import PACKS, WeightNormLinear, packed, param_groups
+from protloc.pretrain import PretrainConfig, Trainer, recorded_config
+from protloc.sources import discover
+from protloc.synth import write_dataset
+
+TINY = dict(arch="vit_tiny", patch=8, depth=2, out_dim=512, batch_size=4, lr=1e-3, warmup_epochs=0.0,
+            freeze_last_layer=0.0, crops=MultiCropConfig(global_size=32, local_size=16, local_crops=2))
+
+
+@pytest.fixture(scope="module")
+def fields(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fields")
+    write_dataset(root, n=8, size=48, seed=0)
+    return discover([str(root)])
+
+
+# --- the step as it was: each operation written out as DINO's reference code does it ----------------------
+
+
+def weight_norm_linear(self, x):  # the normalized weight materialized, then the product
+    return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+def pairwise_dino_loss(loss_fn, student_out, teacher_out, n_crops, temp):
+    """One cross-entropy term per (teacher crop, other student crop) pair, as DINO's DINOLoss."""
+    student_logp = F.log_softmax(student_out / loss_fn.student_temp, dim=-1).chunk(n_crops)
+    targets = F.softmax((teacher_out - loss_fn.center) / temp, dim=-1).chunk(2)
+    total, terms = 0.0, 0
+    for t, q in enumerate(targets):
+        for s, logp in enumerate(student_logp):
+            if s != t:
+                total = total + torch.sum(-q * logp, dim=-1).mean()
+                terms += 1
+    loss_fn.update_center(teacher_out)
+    return total / terms
+
+
+def reference_step(trainer, optimizer, crops, names, n_crops, step):
+    """Today's Trainer.model_step before the fast path: per-parameter clipping in a Python loop,
+    torch's per-parameter AdamW loop, the EMA as multiply then add."""
+    cfg, sched, student, teacher = trainer.cfg, trainer.schedules, trainer.student, trainer.teacher
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = float(sched.lr[step])
+        if i == 0:
+            group["weight_decay"] = float(sched.weight_decay[step])
+    teacher_out = teacher(crops[:1], names, False, None, mask_input=False).logits
+    student_out = student(crops, names, False).logits
+    loss = pairwise_dino_loss(trainer.loss_fn, student_out, teacher_out, n_crops, sched.teacher_temp[step])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for p in (p for p in student.parameters() if p.grad is not None):
+        norm = p.grad.detach().norm(2)
+        p.grad.mul_(torch.clamp(cfg.clip_grad / (norm + 1e-6), max=1.0))
+    optimizer.step()
+    m = float(sched.momentum[step])
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(m).add_(s.detach(), alpha=1 - m)
+    return loss.item()
+
+
+def test_the_fast_step_equals_the_reference_step_to_float32_round_off(fields, tmp_path, monkeypatch):
+    fast = Trainer(fields, PretrainConfig(**TINY, steps=2), tmp_path / "f.pt", workers=0)
+    slow = copy.deepcopy(fast)
+    slow_optimizer = torch.optim.AdamW(param_groups(slow.student), foreach=False)
+    before = copy.deepcopy(fast.student.state_dict())
+    items = next(iter(fast.batches(2)))
+    images, names = fast.images(items)
+    crops, n_crops, _ = fast.crops(images, names, seed=0)
+    fast_losses, slow_losses = [], []
+    for step in range(2):
+        torch.manual_seed(step)  # stochastic depth: the same draws in both
+        fast_losses.append(fast.model_step(crops, names, n_crops, None, step)[0][0])
+        with monkeypatch.context() as m:
+            m.setattr(WeightNormLinear, "forward", weight_norm_linear)
+            torch.manual_seed(step)
+            slow_losses.append(reference_step(slow, slow_optimizer, crops, names, n_crops, step))
+        # the clipped gradients the optimizer gets: to round-off of the largest of each parameter's
+        fast_grads = {name: p.grad for name, p in fast.student.named_parameters()}
+        for name, p in slow.student.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(fast_grads[name], p.grad, rtol=0, atol=1e-4 * float(p.grad.abs().max()),
+                                           msg=f"step {step}: gradient of {name}")
+    assert fast_losses == pytest.approx(slow_losses, rel=1e-6)
+    # AdamW moves each weight by up to the learning rate whatever its gradient's size, so a gradient
+    # near 0 that round-off tips over (a key bias's) moves its weight by a share of lr either way
+    atol = 0.25 * float(fast.schedules.lr[:2].sum())
+    for model in ("student", "teacher"):
+        fast_params = dict(getattr(fast, model).named_parameters())
+        for name, p in getattr(slow, model).named_parameters():
+            torch.testing.assert_close(fast_params[name], p, rtol=1e-5, atol=atol, msg=f"{model} {name}")
+    torch.testing.assert_close(fast.loss_fn.center, slow.loss_fn.center, rtol=1e-5, atol=1e-7)
+    # the steps moved every weight: the comparison is not between two untouched copies
+    moved = [name for name, p in fast.student.named_parameters() if not torch.equal(p, before[name])]
+    assert moved == [name for name, p in fast.student.named_parameters() if p.requires_grad]
+
+
+def test_the_weight_normalized_layer_equals_the_materialized_weight_forward_and_backward():
+    torch.manual_seed(0)
+    layer = WeightNormLinear(16, 300)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)  # a trained norm, not DINO's fixed 1
+    x = torch.randn(7, 16, requires_grad=True)
+    grads = []
+    for forward in (WeightNormLinear.forward, weight_norm_linear):
+        layer.zero_grad()
+        x.grad = None
+        out = forward(layer, x)
+        (out * torch.linspace(-1, 1, 300)).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), layer.weight_v.grad.clone(), layer.weight_g.grad.clone()))
+    for fast, slow in zip(*grads):  # weight_v's gradient has cancelling terms: round-off of the largest
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5 * float(slow.abs().max()))
+
+
+# --- --pack auto|on|off ----------------------------------------------------------------------------------
+
+
+def test_auto_packs_exactly_where_attention_runs_on_the_triton_kernel(monkeypatch):
+    cpu = torch.device("cpu")
+    assert (packed("on", cpu), packed("off", cpu)) == (True, False)
+    monkeypatch.setenv("PROTLOC_BACKEND", "torch")
+    assert packed("auto", cpu) is False  # the torch path attends per crop size: packing only costs
+    monkeypatch.setenv("PROTLOC_BACKEND", "auto")
+    assert packed("auto", cpu) is False  # a CPU tensor never takes the kernel under auto
+    if "attention" in kernels.TRITON_OPS:
+        monkeypatch.setenv("PROTLOC_BACKEND", "triton")
+        assert packed("auto", cpu) is True
+    with pytest.raises(ValueError, match="auto, on, off"):
+        packed("yes", cpu)
+    assert PACKS == ("auto", "on", "off")
+
+
+def test_the_checkpoint_records_the_pack_setting_and_old_bools_read_as_on_off(fields, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTLOC_BACKEND", "torch")
+    trainer = Trainer(fields, PretrainConfig(**TINY, steps=1), tmp_path / "p.pt", workers=0)
+    assert trainer.cfg.pack == "auto" and trainer.pack is False
+    trainer.run()
+    assert load_checkpoint(tmp_path / "p.pt")["train"]["pack"] == "auto"
+    assert recorded_config(tmp_path / "p.pt").pack == "auto"
+    old = PretrainConfig().to_dict()
+    for value, setting in ((True, "on"), (False, "off")):
+        assert PretrainConfig.from_dict({**old, "pack": value}).pack == setting
