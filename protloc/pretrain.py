@@ -1,8 +1,9 @@
 """DINO pretraining: the training loop, its data order, checkpoints and exact resume.
 
-One step: decode B images (loader workers) -> multi-crop on the training device (augment.py)
--> teacher on the 2 global crops, student on all crops packed into one transformer pass
-(dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
+One step: decode B images (loader workers; each image once when the set fits in memory:
+protloc.decoded) -> multi-crop on the training device (augment.py) -> teacher on the 2 global
+crops, student on all crops, packed into one transformer pass or one per crop size (--pack,
+dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
 -> AdamW step with per-parameter gradient clipping -> teacher EMA.
 
 Exact resume: nothing random depends on history. The data order of epoch e is a permutation
@@ -30,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, probe_channels, usable
+from protloc.data import PERCENTILES, ViewOptions, on_device, probe_channels, usable
+from protloc.decoded import KeptImages, memory_budget
 from protloc.device import autocast
 from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
 from protloc.dino import (CENTERINGS, PACKS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning,
@@ -295,6 +297,11 @@ class Trainer:
                 self.ibot_loss.center.copy_(ckpt["ibot_center"])
             self.step = ckpt["step"]
         self.last_saved = self.step if ckpt is not None else None
+        # seconds of the last step's stages (crop: images to the device and multi-crop; forward: teacher,
+        # student and loss; backward; optimizer: clipping, AdamW, EMA); host time, exact on the CPU (a GPU
+        # queues work: there forward ends at the loss's sync and the others are their launch times)
+        self.stage_s: dict[str, float] = {}
+        self.decoded = KeptImages(sources, self.view, workers, memory_budget(world.size))  # decode each image once
         self.stop_requested = False
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
@@ -303,7 +310,7 @@ class Trainer:
     def batches(self, stop):
         sampler = StepBatches(len(self.sources), self.cfg.batch_size, self.world, self.cfg.seed,
                               self.step, stop, self.schedules.steps_per_epoch)
-        return index_batches(self.sources, self.view, sampler, self.workers)
+        return self.decoded.batches(sampler)
 
     def images(self, items):
         """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
@@ -330,7 +337,9 @@ class Trainer:
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
         crops, n_crops, masks = self.crops(images, names, seed)
+        crop_s = time.perf_counter() - start
         losses, targets, terms = self.model_step(crops, names, n_crops, masks, step)
+        self.stage_s["crop"] = crop_s
         self.step += 1
 
         elapsed = time.perf_counter() - start
@@ -371,6 +380,7 @@ class Trainer:
                 group["weight_decay"] = float(sched.weight_decay[step])
         student = self.ddp or self.student
         temp = sched.teacher_temp[step]
+        start = time.perf_counter()
         with autocast(self.world.device):
             teacher_out = self.teacher(crops[:1], names, self.pack, masks, mask_input=False)
             student_out = student(crops, names, self.pack, masks)
@@ -388,14 +398,18 @@ class Trainer:
         if not all(math.isfinite(v) for v in losses):
             kept = f"; the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved else ""
             raise ProtlocError(f"loss became {losses} at step {step + 1}: training diverged{kept}")
+        forward = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        backward = time.perf_counter()
         clip_gradients(self.student, cfg.clip_grad)
         if step < sched.freeze_last_layer_steps:
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
         self.optimizer.step()
         ema_update(self.teacher, self.student, float(sched.momentum[step]))
+        self.stage_s = {"forward": forward - start, "backward": backward - forward,
+                        "optimizer": time.perf_counter() - backward}
         return losses, targets, terms
 
     def save(self):

@@ -2,14 +2,16 @@
 where it packs the crops (--pack auto|on|off)."""
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from protloc import kernels
+from protloc import data, kernels
 from protloc.augment import MultiCropConfig
 from protloc.checkpoint import load_checkpoint
+from protloc.decoded import memory_budget
 from protloc.dino import PACKS, WeightNormLinear, packed, param_groups
 from protloc.pretrain import PretrainConfig, Trainer, recorded_config
 from protloc.sources import discover
@@ -152,3 +154,42 @@ def test_the_checkpoint_records_the_pack_setting_and_old_bools_read_as_on_off(fi
     old = PretrainConfig().to_dict()
     for value, setting in ((True, "on"), (False, "off")):
         assert PretrainConfig.from_dict({**old, "pack": value}).pack == setting
+
+
+# --- decoded images kept in memory (protloc.decoded) -----------------------------------------------------
+
+
+def step_crops(trainer, stop):
+    """The crops of every step up to `stop`, as train_step cuts them."""
+    out = []
+    for step, items in enumerate(trainer.batches(stop)):
+        images, names = trainer.images(items)
+        out.append(trainer.crops(images, names, seed=step)[0])
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kept_images_give_the_crops_of_decoding_every_time_and_are_decoded_once(fields, tmp_path, monkeypatch,
+                                                                                 workers):
+    calls = []
+    load_item = data.load_item
+    monkeypatch.setattr(data, "load_item", lambda i, *a: calls.append(i) or load_item(i, *a))
+    runs = {}
+    for budget in (0, 2**40):  # nothing fits / everything fits
+        trainer = Trainer(fields, PretrainConfig(**TINY, steps=6), tmp_path / f"{budget}.pt", workers=workers)
+        trainer.decoded.budget = budget
+        calls.clear()
+        runs[budget] = step_crops(trainer, 6)  # 3 epochs of 2 steps
+        if workers == 0:  # decoded in this process: the calls are seen
+            assert sorted(calls) == sorted(list(range(len(fields))) * (3 if budget == 0 else 1))
+        assert trainer.decoded.keep is (budget > 0) and len(trainer.decoded.items) == (len(fields) if budget else 0)
+    for decoded_each_time, kept in zip(runs[0], runs[2**40]):
+        for a, b in zip(decoded_each_time, kept):
+            assert torch.equal(a, b)
+
+
+def test_the_memory_budget_is_a_share_of_the_machine_split_over_processes(monkeypatch):
+    one, four = memory_budget(1), memory_budget(4)
+    assert one > 0 and four == pytest.approx(one / 4, abs=1)
+    monkeypatch.delattr(os, "sysconf")
+    assert memory_budget(1) == 0  # memory unknown: nothing is kept
