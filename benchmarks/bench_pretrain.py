@@ -152,8 +152,8 @@ def main():
                            workers=workers, checkpoint_every=10**9)
         per_size, packed, e2e = trainer("auto"), trainer("on"), trainer("auto", args.workers)
         items = next(iter(per_size.batches(1)))
-        images, names = per_size.images(items)
-        crops, n_crops, masks = per_size.crops(images, names, seed=0)
+        images, scale_shift, names = per_size.images(items)
+        crops, n_crops, masks = per_size.crops(images, scale_shift, names, seed=0)
         steps = {"model, per crop size (--pack auto)": lambda: per_size.model_step(crops, names, n_crops, masks, 0),
                  "model, packed (--pack on)": lambda: packed.model_step(crops, names, n_crops, masks, 0)}
         if args.reference:

@@ -113,8 +113,9 @@ def sample_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, f
 
 
 def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, tuple[int, int, int, int]]],
-                  size: int) -> torch.Tensor:
+                  size: int, scale_shift: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
     """Crop (image index, box) pairs out of `images` and resize each to size x size: (n, C, S, S).
+    With `scale_shift` (per image, (C,) each), each region's pixels become x * scale + shift in float32.
 
     Bilinear with antialiasing (a triangle filter widened by the shrink factor, as PIL), so crops
     of large images do not alias and small images (64 px yeast cells) upsample smoothly."""
@@ -122,6 +123,9 @@ def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, tuple[int, 
     out = torch.empty(len(boxes), C, size, size, dtype=torch.float32, device=images[0].device)
     for i, (b, (top, left, h, w)) in enumerate(boxes):
         region = images[b][None, :, top:top + h, left:left + w].float()  # (1, C, h, w)
+        if scale_shift is not None:
+            scale, shift = scale_shift[b]
+            region = region * scale[:, None, None] + shift[:, None, None]
         out[i] = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     return out
 
@@ -221,11 +225,15 @@ def augment(x: torch.Tensor, blur_p: torch.Tensor, cfg: MultiCropConfig, generat
 
 
 def multi_crop(images: list[torch.Tensor], cfg: MultiCropConfig, generator: torch.Generator,
-               protein_channel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               protein_channel: int | None = None, scale_shift: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DINO's views of a batch of images.
 
     images: B tensors (C, H_i, W_i), float (sizes may differ, C may not), values roughly 0..1,
-    all on one device. Returns (globals (2, B, C, G, G), locals (N, B, C, L, L) or None when
+    all on one device; or, with `scale_shift` (B pairs of (C,) float32 tensors), the pixels as
+    decoded (uint8, uint16, float), which x * scale + shift brings there: each crop then reads and
+    converts its own region, not the whole field (the same crops, from a fraction of the work on
+    large fields). Returns (globals (2, B, C, G, G), locals (N, B, C, L, L) or None when
     local_crops is 0), float32 on the images' device, crop-major as DINO orders them: all
     images' first crop, then all images' second crop, ..."""
     if not images:
@@ -247,16 +255,18 @@ def multi_crop(images: list[torch.Tensor], cfg: MultiCropConfig, generator: torc
     def image_stats(count):  # (count*B, C, 1, 1) mean and std of each crop's whole image, crop-major
         if cfg.normalize != "image":
             return None
-        std, mean = zip(*(torch.std_mean(im, dim=(-2, -1), correction=0) for im in images))
+        normalized = images if scale_shift is None else (im.float() * s[:, None, None] + t[:, None, None]
+                                                         for im, (s, t) in zip(images, scale_shift))
+        std, mean = zip(*(torch.std_mean(im, dim=(-2, -1), correction=0) for im in normalized))
         return tuple(torch.stack(t)[:, :, None, None].repeat(count, 1, 1, 1) for t in (mean, std))
 
     global_boxes, local_boxes = boxes(2, cfg.global_scale), boxes(N, cfg.local_scale)
     blur_p = torch.tensor([cfg.blur[0], cfg.blur[1]]).repeat_interleave(B)  # (2*B,)
-    glob = augment(resized_crops(images, global_boxes, cfg.global_size), blur_p, cfg, generator, protein_channel,
-                   image_stats(2))
+    glob = augment(resized_crops(images, global_boxes, cfg.global_size, scale_shift), blur_p, cfg, generator,
+                   protein_channel, image_stats(2))
     glob = glob.view(2, B, C, cfg.global_size, cfg.global_size)  # (2*B, ...) -> (2, B, ...): crop-major
     if N == 0:
         return glob, None
-    loc = augment(resized_crops(images, local_boxes, cfg.local_size), torch.full((N * B,), cfg.blur[2]),
+    loc = augment(resized_crops(images, local_boxes, cfg.local_size, scale_shift), torch.full((N * B,), cfg.blur[2]),
                   cfg, generator, protein_channel, image_stats(N))
     return glob, loc.view(N, B, C, cfg.local_size, cfg.local_size)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import PERCENTILES, ViewOptions, on_device, probe_channels, usable
+from protloc.data import PERCENTILES, ViewOptions, probe_channels, usable
 from protloc.decoded import KeptImages, memory_budget
 from protloc.device import autocast
 from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
@@ -313,8 +313,10 @@ class Trainer:
         return self.decoded.batches(sampler)
 
     def images(self, items):
-        """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
-        (reported the first time they are met)."""
+        """Items -> the step's images on the device: (pixels as decoded, (C, H, W) each; their (scale,
+        shift), (C,) each, which bring them to ~0..1; channel names). Bad images fail or are skipped
+        (reported the first time they are met). The crops convert their own regions (multi_crop):
+        a large field is never converted whole."""
         kept = []
         for item in items:
             if item.error is not None and item.id in self.skipped:
@@ -323,20 +325,24 @@ class Trainer:
                 kept.append(item)
             else:
                 self.skipped.add(item.id)
-        return on_device(kept, self.world.device)
+        device = self.world.device
+        pixels = [torch.from_numpy(item.pixels).to(device) for item in kept]
+        scale_shift = [(torch.from_numpy(item.scale).to(device), torch.from_numpy(item.shift).to(device))
+                       for item in kept]
+        return pixels, scale_shift, list(kept[0].channel_names) if kept else []
 
     def train_step(self, items) -> dict | None:
         """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
         cfg, sched, step = self.cfg, self.schedules, self.step
         start = time.perf_counter()
-        images, names = self.images(items)
+        images, scale_shift, names = self.images(items)
         if min(all_gather_float(self.world, float(len(images)))) == 0:  # every rank skips it, or DDP would wait
             log.warning("step %d: every image of its batch was skipped; no update", step + 1)
             self.step += 1
             return None
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
-        crops, n_crops, masks = self.crops(images, names, seed)
+        crops, n_crops, masks = self.crops(images, scale_shift, names, seed)
         crop_s = time.perf_counter() - start
         losses, targets, terms = self.model_step(crops, names, n_crops, masks, step)
         self.stage_s["crop"] = crop_s
@@ -353,12 +359,13 @@ class Trainer:
                 **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
                    for name, term in terms.items()}}
 
-    def crops(self, images, names, seed: int):
-        """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
-        global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
+    def crops(self, images, scale_shift, names, seed: int):
+        """DINO's multi-crop of a batch (images and scale_shift: Trainer.images), crop-major (the global
+        crops first), and iBOT's masks of the global crops: (crops: one (n_i, C, S_i, S_i) tensor per
+        crop size, n_crops, masks or None)."""
         cfg = self.cfg
         global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed),
-                                               protein_channel(names))
+                                               protein_channel(names), scale_shift)
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
         masks = None

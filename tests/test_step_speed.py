@@ -12,6 +12,7 @@ from protloc import data, kernels
 from protloc.augment import MultiCropConfig
 from protloc.checkpoint import load_checkpoint
 from protloc.decoded import memory_budget
+from protloc.model import add_residual
 from protloc.dino import PACKS, WeightNormLinear, packed, param_groups
 from protloc.pretrain import PretrainConfig, Trainer, recorded_config
 from protloc.sources import discover
@@ -79,8 +80,8 @@ def test_the_fast_step_equals_the_reference_step_to_float32_round_off(fields, tm
     slow_optimizer = torch.optim.AdamW(param_groups(slow.student), foreach=False)
     before = copy.deepcopy(fast.student.state_dict())
     items = next(iter(fast.batches(2)))
-    images, names = fast.images(items)
-    crops, n_crops, _ = fast.crops(images, names, seed=0)
+    images, scale_shift, names = fast.images(items)
+    crops, n_crops, _ = fast.crops(images, scale_shift, names, seed=0)
     fast_losses, slow_losses = [], []
     for step in range(2):
         torch.manual_seed(step)  # stochastic depth: the same draws in both
@@ -163,8 +164,7 @@ def step_crops(trainer, stop):
     """The crops of every step up to `stop`, as train_step cuts them."""
     out = []
     for step, items in enumerate(trainer.batches(stop)):
-        images, names = trainer.images(items)
-        out.append(trainer.crops(images, names, seed=step)[0])
+        out.append(trainer.crops(*trainer.images(items), seed=step)[0])
     return out
 
 
@@ -193,3 +193,18 @@ def test_the_memory_budget_is_a_share_of_the_machine_split_over_processes(monkey
     assert one > 0 and four == pytest.approx(one / 4, abs=1)
     monkeypatch.delattr(os, "sysconf")
     assert memory_budget(1) == 0  # memory unknown: nothing is kept
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5], [7, 7, 3, 3, 3]], ids=["one-crop-size", "packed"])
+def test_the_residual_under_stochastic_depth_is_the_reference_drop_path(lengths):
+    """x + drop_path(branch) as DINO's: each sequence's branch kept with probability 1 - p, scaled by 1 / (1 - p)."""
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    x, branch = torch.randn(2, sum(lengths), 8).unbind()
+    torch.manual_seed(0)
+    fast = add_residual(x, branch, cu_seqlens, max(lengths), 0.5, training=True)
+    torch.manual_seed(0)
+    keep = (torch.rand(len(lengths)) >= 0.5).float() / 0.5
+    slow = x + branch * keep.repeat_interleave(torch.tensor(lengths))[:, None]
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    assert 0 < keep.count_nonzero() < len(lengths)  # some branches dropped, some kept (seed 0)
+    assert torch.equal(add_residual(x, branch, cu_seqlens, max(lengths), 0.5, training=False), x + branch)
