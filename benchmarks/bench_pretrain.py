@@ -24,7 +24,7 @@ gives the median over the rounds, so a machine shared with other work slows all 
                 shapes of the step's largest products
 Defaults: the issue's configuration (ViT-S/16, batch 8, 2 x 224 + 8 x 96, out_dim 65536).
 `make demo`'s recipe on large fields: --arch vit_tiny --patch 8 --depth 4 --batch-size 32
---global-size 64 --local-crops 0 --out-dim 1024 --field 1024 --fields 64.
+--global-size 64 --local-crops 0 --out-dim 1024 --normalize dataset --field 1024 --fields 64.
 """
 
 import argparse
@@ -129,6 +129,7 @@ def main():
     ap.add_argument("--field", type=int, default=256, help="side of the synthetic TIFF fields, px")
     ap.add_argument("--fields", type=int, default=16, help="number of fields")
     ap.add_argument("--workers", type=int, default=0, help="loader processes of the end-to-end loop")
+    ap.add_argument("--normalize", default="image", help="the run's --normalize (the dino recipe's: image)")
     ap.add_argument("--out", help="also write the table to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,7 +141,7 @@ def main():
               f"{args.field} x {args.field} px (2 channels, uint16), {args.workers} loader workers; "
               f"median of {args.rounds} interleaved rounds")
     cfg = PretrainConfig(arch=args.arch, patch=args.patch, depth=args.depth, out_dim=args.out_dim,
-                         batch_size=args.batch_size, steps=10**6, freeze_last_layer=0.0,
+                         normalize=args.normalize, batch_size=args.batch_size, steps=10**6, freeze_last_layer=0.0,
                          crops=MultiCropConfig(global_size=args.global_size, local_size=args.local_size,
                                                local_crops=args.local_crops))
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,8 +153,9 @@ def main():
                            workers=workers, checkpoint_every=10**9)
         per_size, packed, e2e = trainer("auto"), trainer("on"), trainer("auto", args.workers)
         items = next(iter(per_size.batches(1)))
-        images, scale_shift, names = per_size.images(items)
-        crops, n_crops, masks = per_size.crops(images, scale_shift, names, seed=0)
+        images = per_size.images(items)
+        names = images.names
+        crops, n_crops, masks = per_size.crops(images, seed=0)
         steps = {"model, per crop size (--pack auto)": lambda: per_size.model_step(crops, names, n_crops, masks, 0),
                  "model, packed (--pack on)": lambda: packed.model_step(crops, names, n_crops, masks, 0)}
         if args.reference:

@@ -24,12 +24,13 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
+from protloc.augment import NORMALIZE, MultiCropConfig, Pair, crop_view, image_statistics, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
 from protloc.data import PERCENTILES, ViewOptions, probe_channels, usable
 from protloc.decoded import KeptImages, memory_budget
@@ -139,6 +140,14 @@ class PretrainConfig:
         crops = d.pop("crops", {})
         crops = {k: tuple(v) if isinstance(v, list) else v for k, v in crops.items()}
         return cls(**d, crops=MultiCropConfig(**crops))
+
+
+class StepImages(NamedTuple):
+    """A step's images on the training device, as multi_crop takes them."""
+    pixels: list[torch.Tensor]  # (C, H, W) each, as decoded (uint8, uint16 or float)
+    scale_shift: list[Pair]  # (C,) each: x * scale + shift brings an image to ~0..1
+    stats: list[Pair] | None  # each image's (mean, std) for normalize "image" (augment.image_statistics), else None
+    names: list[str]  # the channels
 
 
 @dataclass
@@ -302,6 +311,7 @@ class Trainer:
         # queues work: there forward ends at the loss's sync and the others are their launch times)
         self.stage_s: dict[str, float] = {}
         self.decoded = KeptImages(sources, self.view, workers, memory_budget(world.size))  # decode each image once
+        self.stats_kept: dict[int, Pair] = {}  # image index -> its image_statistics, for the images kept
         self.stop_requested = False
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
@@ -312,11 +322,10 @@ class Trainer:
                               self.step, stop, self.schedules.steps_per_epoch)
         return self.decoded.batches(sampler)
 
-    def images(self, items):
-        """Items -> the step's images on the device: (pixels as decoded, (C, H, W) each; their (scale,
-        shift), (C,) each, which bring them to ~0..1; channel names). Bad images fail or are skipped
-        (reported the first time they are met). The crops convert their own regions (multi_crop):
-        a large field is never converted whole."""
+    def images(self, items) -> StepImages:
+        """Items -> the step's images on the device. Bad images fail or are skipped (reported the first
+        time they are met). The crops convert their own regions (multi_crop): a large field is never
+        converted whole."""
         kept = []
         for item in items:
             if item.error is not None and item.id in self.skipped:
@@ -329,27 +338,33 @@ class Trainer:
         pixels = [torch.from_numpy(item.pixels).to(device) for item in kept]
         scale_shift = [(torch.from_numpy(item.scale).to(device), torch.from_numpy(item.shift).to(device))
                        for item in kept]
-        return pixels, scale_shift, list(kept[0].channel_names) if kept else []
+        stats = None
+        if self.cfg.crops.normalize == "image":  # a pass over each whole image: once per image when it is kept
+            stats = [self.stats_kept[item.index] if item.index in self.stats_kept else image_statistics(p, ss)
+                     for item, p, ss in zip(kept, pixels, scale_shift)]
+            if self.decoded.keep:
+                self.stats_kept.update((item.index, st) for item, st in zip(kept, stats))
+        return StepImages(pixels, scale_shift, stats, list(kept[0].channel_names) if kept else [])
 
     def train_step(self, items) -> dict | None:
         """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
         cfg, sched, step = self.cfg, self.schedules, self.step
         start = time.perf_counter()
-        images, scale_shift, names = self.images(items)
-        if min(all_gather_float(self.world, float(len(images)))) == 0:  # every rank skips it, or DDP would wait
+        images = self.images(items)
+        if min(all_gather_float(self.world, float(len(images.pixels)))) == 0:  # every rank skips it, or DDP would wait
             log.warning("step %d: every image of its batch was skipped; no update", step + 1)
             self.step += 1
             return None
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
-        crops, n_crops, masks = self.crops(images, scale_shift, names, seed)
+        crops, n_crops, masks = self.crops(images, seed)
         crop_s = time.perf_counter() - start
-        losses, targets, terms = self.model_step(crops, names, n_crops, masks, step)
+        losses, targets, terms = self.model_step(crops, images.names, n_crops, masks, step)
         self.stage_s["crop"] = crop_s
         self.step += 1
 
         elapsed = time.perf_counter() - start
-        images_done = len(images) * self.world.size
+        images_done = len(images.pixels) * self.world.size
         return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
                 "images": images_done,
                 "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
@@ -359,13 +374,12 @@ class Trainer:
                 **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
                    for name, term in terms.items()}}
 
-    def crops(self, images, scale_shift, names, seed: int):
-        """DINO's multi-crop of a batch (images and scale_shift: Trainer.images), crop-major (the global
-        crops first), and iBOT's masks of the global crops: (crops: one (n_i, C, S_i, S_i) tensor per
-        crop size, n_crops, masks or None)."""
+    def crops(self, images: StepImages, seed: int):
+        """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
+        global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
         cfg = self.cfg
-        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed),
-                                               protein_channel(names), scale_shift)
+        global_crops, local_crops = multi_crop(images.pixels, cfg.crops, torch.Generator().manual_seed(seed),
+                                               protein_channel(images.names), images.scale_shift, images.stats)
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
         masks = None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from protloc import data, kernels
-from protloc.augment import MultiCropConfig
+from protloc.augment import MultiCropConfig, image_statistics, multi_crop
 from protloc.checkpoint import load_checkpoint
 from protloc.decoded import memory_budget
 from protloc.model import add_residual
@@ -80,8 +80,9 @@ def test_the_fast_step_equals_the_reference_step_to_float32_round_off(fields, tm
     slow_optimizer = torch.optim.AdamW(param_groups(slow.student), foreach=False)
     before = copy.deepcopy(fast.student.state_dict())
     items = next(iter(fast.batches(2)))
-    images, scale_shift, names = fast.images(items)
-    crops, n_crops, _ = fast.crops(images, scale_shift, names, seed=0)
+    images = fast.images(items)
+    names = images.names
+    crops, n_crops, _ = fast.crops(images, seed=0)
     fast_losses, slow_losses = [], []
     for step in range(2):
         torch.manual_seed(step)  # stochastic depth: the same draws in both
@@ -164,7 +165,7 @@ def step_crops(trainer, stop):
     """The crops of every step up to `stop`, as train_step cuts them."""
     out = []
     for step, items in enumerate(trainer.batches(stop)):
-        out.append(trainer.crops(*trainer.images(items), seed=step)[0])
+        out.append(trainer.crops(trainer.images(items), seed=step)[0])
     return out
 
 
@@ -183,6 +184,7 @@ def test_kept_images_give_the_crops_of_decoding_every_time_and_are_decoded_once(
         if workers == 0:  # decoded in this process: the calls are seen
             assert sorted(calls) == sorted(list(range(len(fields))) * (3 if budget == 0 else 1))
         assert trainer.decoded.keep is (budget > 0) and len(trainer.decoded.items) == (len(fields) if budget else 0)
+        assert len(trainer.stats_kept) == (len(fields) if budget else 0)  # normalize "image": each image's statistics
     for decoded_each_time, kept in zip(runs[0], runs[2**40]):
         for a, b in zip(decoded_each_time, kept):
             assert torch.equal(a, b)
@@ -208,3 +210,20 @@ def test_the_residual_under_stochastic_depth_is_the_reference_drop_path(lengths)
     torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
     assert 0 < keep.count_nonzero() < len(lengths)  # some branches dropped, some kept (seed 0)
     assert torch.equal(add_residual(x, branch, cu_seqlens, max(lengths), 0.5, training=False), x + branch)
+
+
+@pytest.mark.parametrize("normalize", ["image", "dataset"])
+def test_crops_converting_their_own_regions_equal_crops_of_the_converted_field(normalize):
+    """multi_crop on pixels as decoded with (scale, shift) gives the crops of the whole field converted first."""
+    g = torch.Generator().manual_seed(0)
+    raw = [torch.randint(0, 4096, (2, h, w), generator=g).to(torch.uint16) for h, w in ((90, 70), (64, 64))]
+    scale_shift = [(torch.tensor([1 / 4096, 1 / 2048]), torch.tensor([0.0, -0.5])) for _ in raw]
+    converted = [r.float() * s[:, None, None] + t[:, None, None] for r, (s, t) in zip(raw, scale_shift)]
+    cfg = MultiCropConfig(global_size=32, local_size=16, local_crops=2, normalize=normalize)
+    whole = multi_crop(converted, cfg, torch.Generator().manual_seed(5), protein_channel=1)
+    regions = multi_crop(raw, cfg, torch.Generator().manual_seed(5), protein_channel=1, scale_shift=scale_shift)
+    stats = [image_statistics(r, ss) for r, ss in zip(raw, scale_shift)]
+    known = multi_crop(raw, cfg, torch.Generator().manual_seed(5), protein_channel=1, scale_shift=scale_shift,
+                       stats=stats)
+    for a, b, c in zip(whole, regions, known):
+        assert torch.equal(a, b) and torch.equal(a, c)
