@@ -62,8 +62,9 @@ def reference_step(ref_dir, crops, args):
     import main_dino
     import utils
     import vision_transformer as vits
-    if not torch.distributed.is_initialized():  # its DINOLoss all-reduces the center
-        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    if not torch.distributed.is_initialized():  # its DINOLoss all-reduces the center: a group of one process
+        store = tempfile.NamedTemporaryFile(prefix="dino_ref_store_", delete=False).name
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     dim, heads = ARCHS[args.arch]
 
     def model(drop_path):  # its vit_small(), at any width and depth
@@ -138,7 +139,8 @@ def main():
               f"{torch.get_num_threads()} threads, float32; load average {os.getloadavg()[0]:.2f} at the start")
     table.add(f"# {args.arch}/{args.patch} depth {args.depth}, batch {args.batch_size}, crops 2 x {args.global_size}"
               f" + {args.local_crops} x {args.local_size}, out_dim {args.out_dim}; {args.fields} fields of "
-              f"{args.field} x {args.field} px (2 channels, uint16), {args.workers} loader workers; "
+              f"{args.field} x {args.field} px (2 channels, uint16), normalize {args.normalize}, {args.workers} "
+              "loader workers; "
               f"median of {args.rounds} interleaved rounds")
     cfg = PretrainConfig(arch=args.arch, patch=args.patch, depth=args.depth, out_dim=args.out_dim,
                          normalize=args.normalize, batch_size=args.batch_size, steps=10**6, freeze_last_layer=0.0,

@@ -116,18 +116,20 @@ def sample_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, f
 def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, tuple[int, int, int, int]]],
                   size: int, scale_shift: list[Pair] | None = None) -> torch.Tensor:
     """Crop (image index, box) pairs out of `images` and resize each to size x size: (n, C, S, S).
-    With `scale_shift` (per image, (C,) each), each region's pixels become x * scale + shift in float32.
+    With `scale_shift` (per image, (C,) each), the crops are of x * scale + shift in float32.
 
     Bilinear with antialiasing (a triangle filter widened by the shrink factor, as PIL), so crops
-    of large images do not alias and small images (64 px yeast cells) upsample smoothly."""
+    of large images do not alias and small images (64 px yeast cells) upsample smoothly. The filter's
+    weights sum to 1, so scale and shift apply to the resized crop: S x S pixels, not the region's
+    (up to a whole field's); the same values to float32 round-off."""
     C = images[0].shape[0]
     out = torch.empty(len(boxes), C, size, size, dtype=torch.float32, device=images[0].device)
     for i, (b, (top, left, h, w)) in enumerate(boxes):
         region = images[b][None, :, top:top + h, left:left + w].float()  # (1, C, h, w)
-        if scale_shift is not None:
-            scale, shift = scale_shift[b]
-            region = region * scale[:, None, None] + shift[:, None, None]
         out[i] = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if scale_shift is not None:
+        scale, shift = (torch.stack([scale_shift[b][k] for b, _ in boxes])[:, :, None, None] for k in (0, 1))
+        out = torch.addcmul(shift, out, scale)  # (n, C, S, S)
     return out
 
 
@@ -243,8 +245,8 @@ def multi_crop(images: list[torch.Tensor], cfg: MultiCropConfig, generator: torc
     images: B tensors (C, H_i, W_i), float (sizes may differ, C may not), values roughly 0..1,
     all on one device; or, with `scale_shift` (B pairs of (C,) float32 tensors), the pixels as
     decoded (uint8, uint16, float), which x * scale + shift brings there: each crop then reads and
-    converts its own region, not the whole field (the same crops, from a fraction of the work on
-    large fields). `stats`: each image's image_statistics, when known already (normalize "image"
+    converts its own region, not the whole field (the same crops to float32 round-off, from a
+    fraction of the work on large fields). `stats`: each image's image_statistics, when known already (normalize "image"
     needs them; None: computed here, a pass over every whole image). Returns (globals (2, B, C,
     G, G), locals (N, B, C, L, L) or None when local_crops is 0), float32 on the images' device,
     crop-major as DINO orders them: all images' first crop, then all images' second crop, ..."""
