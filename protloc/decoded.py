@@ -35,8 +35,8 @@ def memory_budget(processes: int = 1) -> int:
 class KeptImages:
     """Items of index batches: decoded by the loader the first time an image is met, then served
     from memory, when the whole set fits in `budget` bytes (estimated from the first batch's
-    images: their mean size times the number of images). Otherwise every batch is decoded, as
-    index_batches does."""
+    images: their mean size, with a float32 copy, times the number of images). Otherwise every
+    batch is decoded, as index_batches does."""
 
     def __init__(self, sources: list[Source], opts: ViewOptions, workers: int, budget: int):
         self.sources, self.opts, self.workers, self.budget = sources, opts, workers, budget
@@ -64,7 +64,9 @@ class KeptImages:
             yield [fresh[i] if i in fresh else self.items[i] for i in indices]
 
     def _fits(self, items: list[Item]) -> bool:
-        per_image = sum(item.pixels.nbytes for item in items if item.pixels is not None) / len(items)
+        # the pixels as decoded and a float32 copy of them (the trainer's, on a CPU: protloc.pretrain)
+        decoded = [item.pixels for item in items if item.pixels is not None]
+        per_image = sum(p.nbytes + 4 * p.size for p in decoded) / len(items)
         total = per_image * len(self.sources)
         fits = total <= self.budget
         log.info("decoded images: about %.0f MiB for the %d image(s); %s", total / 2**20, len(self.sources),

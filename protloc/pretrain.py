@@ -312,6 +312,7 @@ class Trainer:
         self.stage_s: dict[str, float] = {}
         self.decoded = KeptImages(sources, self.view, workers, memory_budget(world.size))  # decode each image once
         self.stats_kept: dict[int, Pair] = {}  # image index -> its image_statistics, for the images kept
+        self.pixels_kept: dict[int, torch.Tensor] = {}  # on a CPU: image index -> its pixels in float32, kept
         self.stop_requested = False
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
@@ -335,7 +336,11 @@ class Trainer:
             else:
                 self.skipped.add(item.id)
         device = self.world.device
-        pixels = [torch.from_numpy(item.pixels).to(device) for item in kept]
+        pixels = [self.pixels_kept.get(item.index) for item in kept]
+        pixels = [torch.from_numpy(item.pixels).to(device) if p is None else p for item, p in zip(kept, pixels)]
+        if self.decoded.keep and device.type == "cpu":  # the crops' float conversion, once per image (exact)
+            self.pixels_kept.update((item.index, p.float()) for item, p in zip(kept, pixels)
+                                    if item.index not in self.pixels_kept)
         scale_shift = [(torch.from_numpy(item.scale).to(device), torch.from_numpy(item.shift).to(device))
                        for item in kept]
         stats = None

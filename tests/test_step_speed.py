@@ -185,6 +185,7 @@ def test_kept_images_give_the_crops_of_decoding_every_time_and_are_decoded_once(
             assert sorted(calls) == sorted(list(range(len(fields))) * (3 if budget == 0 else 1))
         assert trainer.decoded.keep is (budget > 0) and len(trainer.decoded.items) == (len(fields) if budget else 0)
         assert len(trainer.stats_kept) == (len(fields) if budget else 0)  # normalize "image": each image's statistics
+        assert len(trainer.pixels_kept) == (len(fields) if budget else 0)  # and its float32 pixels (a CPU run)
     for decoded_each_time, kept in zip(runs[0], runs[2**40]):
         for a, b in zip(decoded_each_time, kept):
             assert torch.equal(a, b)
