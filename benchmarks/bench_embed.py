@@ -102,7 +102,7 @@ def main():
             model_alone(model, ready[:1], args.device)  # warm-up
             rates, alone, files = [], [], {w: [] for w in workers}
             for _ in range(args.rounds):
-                rates.append(matmul_rate(shapes))
+                rates.append(matmul_rate(shapes, torch.device(args.device)))
                 alone.append(args.n / model_alone(model, ready, args.device))
                 for w in workers:
                     wall, wait = embed_files(model, sources, opts, w, args.batch_size, args.device)
