@@ -37,6 +37,7 @@ from protloc.setting import setting
 
 RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the crop boxes, as torchvision's RandomResizedCrop
 NORMALIZE = ("image", "percentile", "dataset")
+Pair = tuple[torch.Tensor, torch.Tensor]  # per image: (scale, shift) or (mean, std), (C,) each
 
 
 def crop_view(opts: ViewOptions, config: ViTConfig, channels: list[str] | None = None) -> ViewOptions:
@@ -113,16 +114,22 @@ def sample_box(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, f
 
 
 def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, tuple[int, int, int, int]]],
-                  size: int) -> torch.Tensor:
+                  size: int, scale_shift: list[Pair] | None = None) -> torch.Tensor:
     """Crop (image index, box) pairs out of `images` and resize each to size x size: (n, C, S, S).
+    With `scale_shift` (per image, (C,) each), the crops are of x * scale + shift in float32.
 
     Bilinear with antialiasing (a triangle filter widened by the shrink factor, as PIL), so crops
-    of large images do not alias and small images (64 px yeast cells) upsample smoothly."""
+    of large images do not alias and small images (64 px yeast cells) upsample smoothly. The filter's
+    weights sum to 1, so scale and shift apply to the resized crop: S x S pixels, not the region's
+    (up to a whole field's); the same values to float32 round-off."""
     C = images[0].shape[0]
     out = torch.empty(len(boxes), C, size, size, dtype=torch.float32, device=images[0].device)
     for i, (b, (top, left, h, w)) in enumerate(boxes):
         region = images[b][None, :, top:top + h, left:left + w].float()  # (1, C, h, w)
         out[i] = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    if scale_shift is not None:
+        scale, shift = (torch.stack([scale_shift[b][k] for b, _ in boxes])[:, :, None, None] for k in (0, 1))
+        out = torch.addcmul(shift, out, scale)  # (n, C, S, S)
     return out
 
 
@@ -220,14 +227,29 @@ def augment(x: torch.Tensor, blur_p: torch.Tensor, cfg: MultiCropConfig, generat
     return x
 
 
+def image_statistics(image: torch.Tensor, scale_shift: Pair | None = None) -> Pair:
+    """(mean, std), (C,) each, of the channels of a whole image (C, H, W) as multi_crop's normalize
+    "image" standardizes its crops: of x * scale + shift in float32 with `scale_shift`, else of x."""
+    if scale_shift is not None:
+        scale, shift = scale_shift
+        image = image.float() * scale[:, None, None] + shift[:, None, None]
+    std, mean = torch.std_mean(image, dim=(-2, -1), correction=0)
+    return mean, std
+
+
 def multi_crop(images: list[torch.Tensor], cfg: MultiCropConfig, generator: torch.Generator,
-               protein_channel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               protein_channel: int | None = None, scale_shift: list[Pair] | None = None,
+               stats: list[Pair] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DINO's views of a batch of images.
 
     images: B tensors (C, H_i, W_i), float (sizes may differ, C may not), values roughly 0..1,
-    all on one device. Returns (globals (2, B, C, G, G), locals (N, B, C, L, L) or None when
-    local_crops is 0), float32 on the images' device, crop-major as DINO orders them: all
-    images' first crop, then all images' second crop, ..."""
+    all on one device; or, with `scale_shift` (B pairs of (C,) float32 tensors), the pixels as
+    decoded (uint8, uint16, float), which x * scale + shift brings there: each crop then reads and
+    converts its own region, not the whole field (the same crops to float32 round-off, from a
+    fraction of the work on large fields). `stats`: each image's image_statistics, when known already (normalize "image"
+    needs them; None: computed here, a pass over every whole image). Returns (globals (2, B, C,
+    G, G), locals (N, B, C, L, L) or None when local_crops is 0), float32 on the images' device,
+    crop-major as DINO orders them: all images' first crop, then all images' second crop, ..."""
     if not images:
         raise ValueError("multi_crop needs at least one image")
     C, device = images[0].shape[0], images[0].device
@@ -244,19 +266,23 @@ def multi_crop(images: list[torch.Tensor], cfg: MultiCropConfig, generator: torc
         return [(b, sample_box(im.shape[1], im.shape[2], scale, RATIO, generator))
                 for _ in range(count) for b, im in enumerate(images)]
 
+    if cfg.normalize == "image" and stats is None:
+        stats = [image_statistics(im, scale_shift[b] if scale_shift is not None else None)
+                 for b, im in enumerate(images)]
+
     def image_stats(count):  # (count*B, C, 1, 1) mean and std of each crop's whole image, crop-major
         if cfg.normalize != "image":
             return None
-        std, mean = zip(*(torch.std_mean(im, dim=(-2, -1), correction=0) for im in images))
+        mean, std = zip(*stats)
         return tuple(torch.stack(t)[:, :, None, None].repeat(count, 1, 1, 1) for t in (mean, std))
 
     global_boxes, local_boxes = boxes(2, cfg.global_scale), boxes(N, cfg.local_scale)
     blur_p = torch.tensor([cfg.blur[0], cfg.blur[1]]).repeat_interleave(B)  # (2*B,)
-    glob = augment(resized_crops(images, global_boxes, cfg.global_size), blur_p, cfg, generator, protein_channel,
-                   image_stats(2))
+    glob = augment(resized_crops(images, global_boxes, cfg.global_size, scale_shift), blur_p, cfg, generator,
+                   protein_channel, image_stats(2))
     glob = glob.view(2, B, C, cfg.global_size, cfg.global_size)  # (2*B, ...) -> (2, B, ...): crop-major
     if N == 0:
         return glob, None
-    loc = augment(resized_crops(images, local_boxes, cfg.local_size), torch.full((N * B,), cfg.blur[2]),
+    loc = augment(resized_crops(images, local_boxes, cfg.local_size, scale_shift), torch.full((N * B,), cfg.blur[2]),
                   cfg, generator, protein_channel, image_stats(N))
     return glob, loc.view(N, B, C, cfg.local_size, cfg.local_size)

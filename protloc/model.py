@@ -119,14 +119,20 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def drop_path(x, cu_seqlens, p, training):
-    """Stochastic depth per sequence of the pack (a sequence is one sample)."""
+def add_residual(x, branch, cu_seqlens, max_seqlen, p, training):
+    """x + branch (total, D), the branch under stochastic depth per sequence of the pack (a sequence
+    is one sample): dropped with probability p, else scaled by 1 / (1 - p). One pass: the scaled
+    branch is added in place of being made first; a pack of equal-length sequences (one crop size)
+    scales (n_seq, L, D) views instead of repeating each sequence's factor per token."""
     if p == 0.0 or not training:
-        return x
+        return x + branch
     n_seq = cu_seqlens.numel() - 1
-    keep = (torch.rand(n_seq, device=x.device) >= p).to(x.dtype) / (1 - p)
-    lengths = cu_seqlens.diff()
-    return x * keep.repeat_interleave(lengths, output_size=x.shape[0])[:, None]
+    keep = (torch.rand(n_seq, device=x.device) >= p).to(x.dtype) / (1 - p)  # (n_seq,)
+    if n_seq * max_seqlen == x.shape[0]:
+        return torch.addcmul(x.view(n_seq, max_seqlen, -1), branch.view(n_seq, max_seqlen, -1),
+                             keep[:, None, None]).view(x.shape)
+    per_token = keep.repeat_interleave(cu_seqlens.diff(), output_size=x.shape[0])  # (total,)
+    return torch.addcmul(x, branch, per_token[:, None])
 
 
 class Block(nn.Module):
@@ -139,10 +145,9 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x, cu_seqlens, max_seqlen):
-        x = x + drop_path(self.attn(self.norm1(x), cu_seqlens, max_seqlen), cu_seqlens, self.drop_path_rate,
-                          self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), cu_seqlens, self.drop_path_rate, self.training)
-        return x
+        p = self.drop_path_rate
+        x = add_residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen), cu_seqlens, max_seqlen, p, self.training)
+        return add_residual(x, self.mlp(self.norm2(x)), cu_seqlens, max_seqlen, p, self.training)
 
 
 def no_scaling(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

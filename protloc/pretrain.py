@@ -1,8 +1,9 @@
 """DINO pretraining: the training loop, its data order, checkpoints and exact resume.
 
-One step: decode B images (loader workers) -> multi-crop on the training device (augment.py)
--> teacher on the 2 global crops, student on all crops packed into one transformer pass
-(dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
+One step: decode B images (loader workers; each image once when the set fits in memory:
+protloc.decoded) -> multi-crop on the training device (augment.py) -> teacher on the 2 global
+crops, student on all crops, packed into one transformer pass or one per crop size (--pack,
+dino.DINOModel) -> DINO loss (+ DINOv2's KoLeo and iBOT terms when asked: protloc.dinov2)
 -> AdamW step with per-parameter gradient clipping -> teacher EMA.
 
 Exact resume: nothing random depends on history. The data order of epoch e is a permutation
@@ -23,18 +24,21 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from protloc.augment import NORMALIZE, MultiCropConfig, crop_view, multi_crop, protein_channel
+from protloc.augment import NORMALIZE, MultiCropConfig, Pair, crop_view, image_statistics, multi_crop, protein_channel
 from protloc.checkpoint import load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint
-from protloc.data import PERCENTILES, ViewOptions, index_batches, on_device, probe_channels, usable
+from protloc.data import PERCENTILES, ViewOptions, probe_channels, usable
+from protloc.decoded import KeptImages, memory_budget
 from protloc.device import autocast
 from protloc.dataset_stats import MAX_IMAGES, DatasetStats, recorded, with_dataset_stats
-from protloc.dino import (CENTERINGS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning, cosine_schedule,
-                          ema_update, entropy, iBOTPatchLoss, param_groups, teacher_temp_schedule)
+from protloc.dino import (CENTERINGS, PACKS, DINOHead, DINOLoss, DINOModel, clip_gradients, collapse_warning,
+                          adamw, cosine_schedule, ema_update, entropy, iBOTPatchLoss, packed, param_groups,
+                          teacher_temp_schedule)
 from protloc.dinov2 import koleo_loss, sample_masks
 from protloc.distributed import World, all_gather_float
 from protloc.embed import POOLINGS
@@ -99,8 +103,10 @@ class PretrainConfig:
     student_temp: float = 0.1
     center_momentum: float = 0.9
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
-    pack: bool = setting(True, "Run the transformer once per crop size (DINO's way) instead of one packed pass.",
-                         flag="--no-pack")
+    pack: str = setting("auto", "The student's transformer runs once over all crops packed together (on) or once "
+                        "per crop size, as DINO does (off); the same result either way. auto: on where the varlen "
+                        "attention kernel runs (Triton on a GPU), off elsewhere, where packing only costs.",
+                        choices=PACKS)
     seed: int = setting(0, "Seed of initialization, data order and augmentation.")
     # DINOv2 / iBOT ingredients (protloc.dinov2), all off by default: the run is then DINO's as above
     koleo: float = setting(0.0, "Weight of DINOv2's KoLeo regularizer: pushes each student CLS feature of a global "
@@ -129,9 +135,19 @@ class PretrainConfig:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "mask_ratio" in d:
             d["mask_ratio"] = tuple(d["mask_ratio"])
+        if isinstance(d.get("pack"), bool):  # recorded before pack was auto|on|off
+            d["pack"] = "on" if d["pack"] else "off"
         crops = d.pop("crops", {})
         crops = {k: tuple(v) if isinstance(v, list) else v for k, v in crops.items()}
         return cls(**d, crops=MultiCropConfig(**crops))
+
+
+class StepImages(NamedTuple):
+    """A step's images on the training device, as multi_crop takes them."""
+    pixels: list[torch.Tensor]  # (C, H, W) each, as decoded (uint8, uint16 or float)
+    scale_shift: list[Pair]  # (C,) each: x * scale + shift brings an image to ~0..1
+    stats: list[Pair] | None  # each image's (mean, std) for normalize "image" (augment.image_statistics), else None
+    names: list[str]  # the channels
 
 
 @dataclass
@@ -242,6 +258,8 @@ class Trainer:
                                    f"{ckpt['n_images']} images on {ckpt['world_size']}, "
                                    f"now {len(sources)} on {world.size})")
         self.cfg = cfg
+        self.pack = packed(cfg.pack, world.device)
+        log.info("packed multi-crop: %s (--pack %s on %s)", "on" if self.pack else "off", cfg.pack, world.device)
         view = dataclasses.replace(view, channels=tuple(cfg.channels) if cfg.channels else None, z=cfg.z, axes=cfg.axes,
                                    series=cfg.series, normalize=cfg.normalize)
         channels = (ckpt["config"]["channels"] if ckpt is not None
@@ -277,7 +295,7 @@ class Trainer:
         for m in (self.student, self.teacher, self.loss_fn, self.ibot_loss):
             if m is not None:
                 m.to(world.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.optimizer = adamw(param_groups(self.student))
         self.step = 0
         if ckpt is not None:  # on the device already: the optimizer state follows its parameters
             self.student.load_state_dict(ckpt["student"])
@@ -288,6 +306,13 @@ class Trainer:
                 self.ibot_loss.center.copy_(ckpt["ibot_center"])
             self.step = ckpt["step"]
         self.last_saved = self.step if ckpt is not None else None
+        # seconds of the last step's stages (crop: images to the device and multi-crop; forward: teacher,
+        # student and loss; backward; optimizer: clipping, AdamW, EMA); host time, exact on the CPU (a GPU
+        # queues work: there forward ends at the loss's sync and the others are their launch times)
+        self.stage_s: dict[str, float] = {}
+        self.decoded = KeptImages(sources, self.view, workers, memory_budget(world.size))  # decode each image once
+        self.stats_kept: dict[int, Pair] = {}  # image index -> its image_statistics, for the images kept
+        self.pixels_kept: dict[int, torch.Tensor] = {}  # on a CPU: image index -> its pixels in float32, kept
         self.stop_requested = False
         device = world.device
         self.ddp = (DistributedDataParallel(self.student, device_ids=[device] if device.type == "cuda" else None)
@@ -296,11 +321,12 @@ class Trainer:
     def batches(self, stop):
         sampler = StepBatches(len(self.sources), self.cfg.batch_size, self.world, self.cfg.seed,
                               self.step, stop, self.schedules.steps_per_epoch)
-        return index_batches(self.sources, self.view, sampler, self.workers)
+        return self.decoded.batches(sampler)
 
-    def images(self, items):
-        """Items -> the step's images on the device, scaled to ~0..1; bad images fail or are skipped
-        (reported the first time they are met)."""
+    def images(self, items) -> StepImages:
+        """Items -> the step's images on the device. Bad images fail or are skipped (reported the first
+        time they are met). The crops convert their own regions (multi_crop): a large field is never
+        converted whole."""
         kept = []
         for item in items:
             if item.error is not None and item.id in self.skipped:
@@ -309,25 +335,41 @@ class Trainer:
                 kept.append(item)
             else:
                 self.skipped.add(item.id)
-        return on_device(kept, self.world.device)
+        device = self.world.device
+        pixels = [self.pixels_kept.get(item.index) for item in kept]
+        pixels = [torch.from_numpy(item.pixels).to(device) if p is None else p for item, p in zip(kept, pixels)]
+        if self.decoded.keep and device.type == "cpu":  # the crops' float conversion, once per image (exact)
+            self.pixels_kept.update((item.index, p.float()) for item, p in zip(kept, pixels)
+                                    if item.index not in self.pixels_kept)
+        scale_shift = [(torch.from_numpy(item.scale).to(device), torch.from_numpy(item.shift).to(device))
+                       for item in kept]
+        stats = None
+        if self.cfg.crops.normalize == "image":  # a pass over each whole image: once per image when it is kept
+            stats = [self.stats_kept[item.index] if item.index in self.stats_kept else image_statistics(p, ss)
+                     for item, p, ss in zip(kept, pixels, scale_shift)]
+            if self.decoded.keep:
+                self.stats_kept.update((item.index, st) for item, st in zip(kept, stats))
+        return StepImages(pixels, scale_shift, stats, list(kept[0].channel_names) if kept else [])
 
     def train_step(self, items) -> dict | None:
         """One optimizer step; None when a rank's images of the step were all skipped (no update)."""
         cfg, sched, step = self.cfg, self.schedules, self.step
         start = time.perf_counter()
-        images, names = self.images(items)
-        if min(all_gather_float(self.world, float(len(images)))) == 0:  # every rank skips it, or DDP would wait
+        images = self.images(items)
+        if min(all_gather_float(self.world, float(len(images.pixels)))) == 0:  # every rank skips it, or DDP would wait
             log.warning("step %d: every image of its batch was skipped; no update", step + 1)
             self.step += 1
             return None
         seed = step_seed(cfg.seed, step, self.world.rank)
         torch.manual_seed(seed)  # stochastic depth
-        crops, n_crops, masks = self.crops(images, names, seed)
-        losses, targets, terms = self.model_step(crops, names, n_crops, masks, step)
+        crops, n_crops, masks = self.crops(images, seed)
+        crop_s = time.perf_counter() - start
+        losses, targets, terms = self.model_step(crops, images.names, n_crops, masks, step)
+        self.stage_s["crop"] = crop_s
         self.step += 1
 
         elapsed = time.perf_counter() - start
-        images_done = len(images) * self.world.size
+        images_done = len(images.pixels) * self.world.size
         return {"step": self.step, "epoch": step / sched.steps_per_epoch, "loss": sum(losses) / len(losses),
                 "images": images_done,
                 "lr": float(sched.lr[step]), "weight_decay": float(sched.weight_decay[step]),
@@ -337,12 +379,12 @@ class Trainer:
                 **{f"{name}_loss": sum(all_gather_float(self.world, term.item())) / self.world.size
                    for name, term in terms.items()}}
 
-    def crops(self, images, names, seed: int):
+    def crops(self, images: StepImages, seed: int):
         """DINO's multi-crop of a batch, crop-major (the global crops first), and iBOT's masks of the
         global crops: (crops: one (n_i, C, S_i, S_i) tensor per crop size, n_crops, masks or None)."""
         cfg = self.cfg
-        global_crops, local_crops = multi_crop(images, cfg.crops, torch.Generator().manual_seed(seed),
-                                               protein_channel(names))
+        global_crops, local_crops = multi_crop(images.pixels, cfg.crops, torch.Generator().manual_seed(seed),
+                                               protein_channel(images.names), images.scale_shift, images.stats)
         crops = [global_crops.flatten(0, 1)] + ([local_crops.flatten(0, 1)] if local_crops is not None else [])
         n_crops = 2 + (local_crops.shape[0] if local_crops is not None else 0)
         masks = None
@@ -364,9 +406,10 @@ class Trainer:
                 group["weight_decay"] = float(sched.weight_decay[step])
         student = self.ddp or self.student
         temp = sched.teacher_temp[step]
+        start = time.perf_counter()
         with autocast(self.world.device):
-            teacher_out = self.teacher(crops[:1], names, cfg.pack, masks, mask_input=False)
-            student_out = student(crops, names, cfg.pack, masks)
+            teacher_out = self.teacher(crops[:1], names, self.pack, masks, mask_input=False)
+            student_out = student(crops, names, self.pack, masks)
             loss, targets = self.loss_fn(student_out.logits, teacher_out.logits, n_crops, temp)
             terms = {}  # DINOv2's terms added to DINO's loss, weighted
             if cfg.koleo:  # per global crop, as DINOv2: never between the two crops of one image
@@ -381,14 +424,18 @@ class Trainer:
         if not all(math.isfinite(v) for v in losses):
             kept = f"; the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved else ""
             raise ProtlocError(f"loss became {losses} at step {step + 1}: training diverged{kept}")
+        forward = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        backward = time.perf_counter()
         clip_gradients(self.student, cfg.clip_grad)
         if step < sched.freeze_last_layer_steps:
             for p in self.student.head.last_layer.parameters():
                 p.grad = None
         self.optimizer.step()
         ema_update(self.teacher, self.student, float(sched.momentum[step]))
+        self.stage_s = {"forward": forward - start, "backward": backward - forward,
+                        "optimizer": time.perf_counter() - backward}
         return losses, targets, terms
 
     def save(self):

@@ -76,8 +76,8 @@ def test_a_value_outside_the_fields_range_is_a_usage_error(tmp_path, args):
 def test_flags_left_out_take_the_recipes_values_and_given_ones_replace_them():
     for name, recipe in RECIPES.items():
         assert resolved("--recipe", name) == recipe
-    cfg = resolved("--no-pack", "--embed-size", "0", "--patch", "16", "--mask-ratio", "0.2,0.3", "--seed", "7")
-    assert (cfg.pack, cfg.embed_size, cfg.patch, cfg.mask_ratio, cfg.seed) == (False, None, 16, (0.2, 0.3), 7)
+    cfg = resolved("--pack", "off", "--embed-size", "0", "--patch", "16", "--mask-ratio", "0.2,0.3", "--seed", "7")
+    assert (cfg.pack, cfg.embed_size, cfg.patch, cfg.mask_ratio, cfg.seed) == ("off", None, 16, (0.2, 0.3), 7)
 
 
 def test_the_flags_that_define_a_run_are_those_named_after_a_setting():
@@ -86,9 +86,9 @@ def test_the_flags_that_define_a_run_are_those_named_after_a_setting():
     assert RUN_INDEPENDENT == {flag for flag, name in flags.items() if name not in FIELDS}
     assert {"--output", "--resume", "--workers", "--on-error", "--max-pixels", "--device"} <= RUN_INDEPENDENT
     # a --no-x switch shows as the flag gives it; every other flag as its setting's value
-    shown = _settings(dataclasses.replace(PretrainConfig(), pack=False, use_bn_in_head=True))
-    assert (shown["--no-pack"], shown["--use-bn-in-head"], shown["--global-scale"]) == (True, True, (0.4, 1.0))
-    assert _settings(PretrainConfig())["--no-pack"] is False
+    shown = _settings(dataclasses.replace(PretrainConfig(), pack="off", use_bn_in_head=True))
+    assert (shown["--pack"], shown["--use-bn-in-head"], shown["--global-scale"]) == ("off", True, (0.4, 1.0))
+    assert _settings(PretrainConfig())["--pack"] == "auto"
 
 
 @pytest.mark.parametrize("command", ["embed", "finetune", "predict", "plot attention"])

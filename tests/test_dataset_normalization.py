@@ -248,10 +248,12 @@ def test_pretraining_crops_of_dataset_normalized_images_are_left_as_they_are(cel
     stats = trainer.dataset_stats_estimated
     assert (cfg.crops.normalize == "dataset" and trainer.view.normalize == "dataset"
             and trainer.view.dataset_stats == stats)
-    images, _ = trainer.images([load_item(i, s, trainer.view) for i, s in enumerate(sources[:2])])
+    images = trainer.images([load_item(i, s, trainer.view) for i, s in enumerate(sources[:2])])
     scale, shift = stats.scale_shift(["nucleus", "protein"], "-")
     raw = load_item(0, sources[0], ViewOptions(normalize="none")).pixels.astype(np.float32)
-    np.testing.assert_allclose(images[0].numpy(), raw * scale[:, None, None] + shift[:, None, None], rtol=1e-6)
+    (scale0, shift0), pixels = images.scale_shift[0], images.pixels[0]
+    mapped = pixels.float() * scale0[:, None, None] + shift0[:, None, None]
+    np.testing.assert_allclose(mapped.numpy(), raw * scale[:, None, None] + shift[:, None, None], rtol=1e-6)
     assert trainer.student.backbone.config.dataset_stats == stats.to_dict()
 
 

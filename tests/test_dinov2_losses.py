@@ -299,8 +299,8 @@ def train(cells, out, stop_at=None, resume=False, steps=4, **kw):
 
 
 @pytest.mark.parametrize("flags", [dict(koleo=0.1), dict(centering="sinkhorn"), dict(ibot=1.0),
-                                   dict(ALL_ON, layout="channel", pack=False)],
-                         ids=["koleo", "sinkhorn", "ibot", "all-channel-unpacked"])
+                                   dict(ALL_ON, layout="channel", pack="on")],
+                         ids=["koleo", "sinkhorn", "ibot", "all-channel-packed"])
 def test_a_short_run_with_each_flag_behaves_and_its_checkpoint_embeds(cells, tmp_path, flags):
     trainer, rows = train(cells, tmp_path / "p.pt", **flags)
     parts = [name for name in ("koleo", "ibot") if flags.get(name)]

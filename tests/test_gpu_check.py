@@ -113,11 +113,13 @@ def test_pretrain_benchmark_reports_the_model_step_apart_from_the_whole_step(tmp
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = table.read_text().splitlines()
-    assert "packed step" in lines[3] and "packed model" in lines[3]
-    arch, backend, *rates = lines[4].split()
-    assert (arch, backend) == ("vit_tiny", "torch")
-    step_packed, step_per_size, model_packed, model_per_size = map(float, rates[:4])
-    assert min(step_packed, step_per_size, model_packed, model_per_size) > 0
+    assert "s / step" in lines[2] and "GFLOP per model step" in lines[3]
+    rows = {line.split(None, 2)[2].rsplit(None, 4)[0]: line.split() for line in lines[4:7]}
+    assert set(rows) == {"model, per crop size (--pack off)", "model, packed (--pack on)",
+                         "end to end on TIFFs (--pack auto: off)"}
+    for arch, backend, *_, seconds, rate, _, bound in rows.values():
+        assert (arch, backend) == ("vit_tiny", "torch") and min(float(seconds), float(rate), float(bound)) > 0
+    assert lines[7].startswith("# vit_tiny: end to end / model step alone") and "decode" in lines[7]
     assert lines == proc.stdout.splitlines()  # printed as written
 
 

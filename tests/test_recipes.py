@@ -86,7 +86,7 @@ def test_small_resolves_to_the_documented_settings_and_dino_to_the_reference():
     (["--global-size", "32"], "global_size", 32), (["--local-scale", "0.1,0.3"], "local_scale", (0.1, 0.3)),
     (["--embed-size", "0"], "embed_size", None), (["--embed-size", "48"], "embed_size", 48),
     (["--embed-pool", "mean"], "embed_pool", "mean"), (["--normalize", "dataset"], "normalize", "dataset"),
-    (["--no-pack"], "pack", False), (["--seed", "4"], "seed", 4)], ids=lambda v: str(v))
+    (["--pack", "off"], "pack", "off"), (["--seed", "4"], "seed", 4)], ids=lambda v: str(v))
 def test_an_explicit_flag_replaces_exactly_its_setting(recipe, args, setting, value):
     cfg = resolved("--recipe", recipe, *args)
     want = {**settings(RECIPES[recipe]), setting: value}

@@ -62,7 +62,7 @@ def test_every_flag_either_defines_the_run_or_is_declared_independent_of_it():
 @pytest.mark.parametrize("flag", [["--steps", "8"], ["--epochs", "2"], ["--lr", "0.001"], ["--warmup-epochs", "2"],
                                   ["--teacher-temp", "0.07"], ["--clip-grad", "0"], ["--arch", "vit_small"],
                                   ["--out-dim", "32"], ["--use-bn-in-head"], ["--global-scale", "0.5,1"],
-                                  ["--no-pack"], ["--normalize", "percentile"], ["--channels", "nucleus,protein"],
+                                  ["--pack", "off"], ["--normalize", "percentile"], ["--channels", "nucleus,protein"],
                                   ["--z", "max"], ["--channel-suffixes", "gfp,rfp"], ["--seed", "0"]],
                          ids=lambda flag: flag[0])
 def test_a_flag_that_changes_the_run_is_refused_naming_it(images, stopped, tmp_path, flag):
