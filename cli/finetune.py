@@ -15,7 +15,8 @@ from protloc import __version__
 from protloc.cells import image_sources
 from protloc.classifier import save_classifier
 from protloc.cli.options import (architecture_options, cell_options, channel_options, check_views, common, data_options,
-                                 dataset_normalization, device_option, show_progress, view_from_flags, view_options)
+                                 dataset_normalization, device_option, label_options, show_progress, view_from_flags,
+                                 view_options)
 from protloc.cli.progress import status_line
 from protloc.cli.signals import Stopped, stop_after_step
 from protloc.crossval import cross_validate, final_split, format_table, plan, summarize
@@ -59,12 +60,7 @@ def _chosen_C(values) -> str:
 
 @click.command("finetune")
 @click.argument("inputs", metavar="DATA...|EMB", nargs=-1, required=True)
-@click.option("--labels", "labels_path", required=True, metavar="CSV|obs:COLUMN",
-              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group; or, for "
-                   "an EMB, obs:COLUMN, one of its per-row columns (.h5ad obs, .npz): rows with an empty value are "
-                   "unlabelled.")
-@click.option("--groups", "groups_spec", metavar="obs:COLUMN", default=None,
-              help="For an EMB: groups from one of its per-row columns instead of the labels CSV's group column.")
+@label_options
 @click.option("-o", "--output", metavar="MODEL", default=None,
               help="Write the classifier fitted on all labelled rows after the cross-validation (with its own "
                    "validation split). Without -o only the cross-validation runs.")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from protloc.cli.options import common
+from protloc.cli.options import common, label_options
 from protloc.embeddings import read_embeddings
 from protloc.knn import cross_validate, format_table, results_to_json
 from protloc.labels import labels_of_rows, match_rows
@@ -32,12 +32,7 @@ def _finite(_ctx, param, value):
 
 @click.command("knn")
 @click.argument("embs", metavar="EMB...", nargs=-1, required=True)
-@click.option("--labels", "labels_path", required=True, metavar="CSV|obs:COLUMN",
-              help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group; or "
-                   "obs:COLUMN, a per-row column of the EMB (.h5ad obs, .npz): rows with an empty value are "
-                   "unlabelled.")
-@click.option("--groups", "groups_spec", metavar="obs:COLUMN", default=None,
-              help="Groups from a per-row column of the EMB instead of the labels CSV's group column.")
+@label_options
 @click.option("--ids", "ids_path", metavar="FILE",
               help="Row ids of an .npy (as written by `protloc embed --ids`); one EMB only.")
 @click.option("-k", "ks", default="1,5,10,20,50", callback=_ks, metavar="K,K,..", help="Numbers of neighbours.")

@@ -130,6 +130,17 @@ def data_options(f):
     return f
 
 
+def label_options(f):
+    """--labels CSV|obs:COLUMN and --groups obs:COLUMN: what knn and finetune score rows by."""
+    f = click.option("--groups", "groups_spec", metavar="obs:COLUMN", default=None,
+                     help="For an EMB: groups from one of its per-row columns instead of the labels CSV's group "
+                          "column.")(f)
+    return click.option("--labels", "labels_path", required=True, metavar="CSV|obs:COLUMN",
+                        help="Labels CSV: path (relative to the CSV) or id, label (a;b = multi-label), optional group; "
+                             "or, for an EMB, obs:COLUMN, one of its per-row columns (.h5ad obs, .npz): rows with an "
+                             "empty value are unlabelled.")(f)
+
+
 def view_options(inherit: str | None = None, size_help: str = "native size (images of one size batch together)"):
     """--size, --normalize, --pool, --tile, --stride, --aggregate: how each image becomes model
     inputs. With `inherit` (e.g. "the MODEL"), every default is the value recorded there; without,
