@@ -6,6 +6,7 @@ set here, before any test module imports protloc. The model still runs on the to
 `PROTLOC_BACKEND=auto` picks Triton for CUDA tensors only, and kernel tests ask for it by name.
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,17 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def protloc_logger():
+    """Each CLI run sets up the `protloc` logger for its process (level, handler, no propagation);
+    in this one test process, put it back after every test so tests do not depend on their order."""
+    logger = logging.getLogger("protloc")
+    state = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(state[0])
+    logger.handlers[:], logger.propagate = state[1], state[2]
 
 
 @pytest.fixture
