@@ -79,7 +79,8 @@ def embed_command(ctx, data, output, ids_path, weights, arch, patch, layout, dep
                   device, quiet, resume, chunk_images, shard):
     """Embed images: one vector per image (or per tile or cell), rows in input order.
 
-    DATA: TIFF files, directories (searched recursively, sorted) and - (paths on stdin, one per line).
+    DATA: TIFF files, OME-Zarr images and plates, CSV manifests, directories (searched recursively,
+    sorted) and - (paths on stdin, one per line).
 
     \b
     protloc embed images/ --weights random --arch vit_tiny --patch 8 --size 64 > emb.npy

@@ -145,9 +145,9 @@ def finetune_command(ctx, inputs, labels_path, groups_spec, output, freeze, weig
     """Train a localization classifier and cross-validate it: per-class F1 and macro F1 of the pooled
     out-of-fold predictions, beside the per-fold macro F1 (mean ± std over folds x seeds).
 
-    DATA: TIFF files, directories and - (paths on stdin), with --weights; or EMB: one embeddings
-    file from `protloc embed` (.npz, .h5ad, .zarr, or .npy with --ids), on which a head is trained
-    (--freeze implied).
+    DATA: TIFF files, OME-Zarr, CSV manifests, directories and - (paths on stdin), with --weights; or
+    EMB: one embeddings file from `protloc embed` (.npz, .h5ad, .zarr, or .npy with --ids), on which a
+    head is trained (--freeze implied).
     The table goes to stdout.
 
     \b

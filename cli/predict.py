@@ -67,10 +67,10 @@ def predict_command(ctx, data, weights, output, backbone_path, size, normalize, 
     predictions in obs and obsm); rows in input order, one per image (per tile with --tile, per
     cell with --cells).
 
-    DATA: TIFF files, directories and - (paths on stdin), viewed as the MODEL was trained (size,
-    normalization, pooling, tiles, cell crops, channels; any flag overrides; the masks of --cells
-    belong to the data and are never inherited); or EMB: an embeddings file made with the
-    MODEL's backbone.
+    DATA: TIFF files, OME-Zarr, CSV manifests, directories and - (paths on stdin), viewed as the MODEL
+    was trained (size, normalization, pooling, tiles, cell crops, channels; any flag overrides; the
+    masks of --cells belong to the data and are never inherited); or EMB: an embeddings file made
+    with the MODEL's backbone.
 
     \b
     protloc predict plate1/ --weights model.pt > predictions.tsv

@@ -165,7 +165,7 @@ def pretrain_command(ctx, data, output, resume, init, stop_at, checkpoint_every,
                      max_pixels, device, quiet, **run_settings):  # run_settings: read by _config(ctx)
     """DINO self-supervised pretraining: a backbone that knows your cells, without labels.
 
-    DATA: TIFF files, directories and - (paths on stdin). Runs on many GPUs or nodes with
+    DATA: TIFF files, OME-Zarr, CSV manifests, directories and - (paths on stdin). Runs on many GPUs or nodes with
     `torchrun --nproc-per-node N -m protloc -- pretrain ...` (only rank 0 writes).
 
     \b
